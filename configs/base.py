@@ -1,0 +1,132 @@
+"""Every field of a mosaic_jax experiment, with its default and why.
+
+Model files (gemma2b.py, gemma3_270m.py, ...) start from `get_config()` here and change
+only what differs. Any field can be overridden on the command line:
+
+    python main.py --config=configs/gemma2b.py --config.model.dtype=bfloat16 \
+            --config.features.pooling='("mosaic","mean")' --config.workdir=/tmp/runs
+"""
+import ml_collections
+
+
+def get_config(arg=None):
+    del arg
+    c = ml_collections.ConfigDict()
+
+    # What to do: 'classify' (extract features, train probes, write results + report),
+    # 'report' (only rebuild the HTML report of an existing workdir).
+    c.mode = 'classify'
+    # Results go to <workdir>/<model.name>/<dataset>/layer_<L>/<width>/<run_id>/ (MOSAIC layout).
+    c.workdir = 'runs'
+    # Run folder name; empty = a UTC timestamp like MOSAIC's (20241121_202159).
+    c.run_id = ''
+    # One seed for splits, probe init and minibatch order.
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    # Short name used in result paths (MOSAIC uses the hub id with '/' -> '_').
+    c.model.name = 'google_gemma-2-2b'
+    # Hub id, local HF folder (config.json + safetensors), a .gguf file, or 'gemma3_270m'
+    # (the pip-shipped real Gemma 3 270M). Point it at local weights when offline.
+    c.model.path = 'google/gemma-2-2b'
+    # Compute dtype of the forward pass: float32 or bfloat16. float16 is refused: Gemma
+    # residual streams exceed 65,504 at the BOS position.
+    c.model.dtype = 'float32'
+    # 'gemma_scope': layer L = residual after block L (Gemma Scope's naming, HF
+    # hidden_states[L + 1]). 'hf_hidden_states': layer L = hidden_states[L], one block
+    # earlier, which is what MOSAIC's extraction reads; use it to reproduce MOSAIC.
+    c.model.layer_convention = 'gemma_scope'
+    # Texts longer than this many tokens are truncated (the count is reported).
+    c.model.max_length = 256
+    # Texts per forward batch (global, split over devices; must divide by the device count).
+    c.model.batch_size = 16
+    # Padding side for batches. Both are exact (positions come from the mask).
+    c.model.pad_side = 'right'
+
+    # Residual layers to read (meaning set by model.layer_convention).
+    c.layers = (5, 12, 19)
+
+    c.sae = ml_collections.ConfigDict()
+    # Where each SAE comes from; {layer} and {width} are filled in. A hub reference
+    # (repo/layer_L/width_W/average_l0_N or .../canonical), a Gemma Scope params.npz,
+    # a SAELens folder or one of our orbax SAE folders.
+    c.sae.source = 'google/gemma-scope-2b-pt-res/layer_{layer}/width_{width}/canonical'
+    # SAE widths to compare, as named in the source ('16k', '65k', ...).
+    c.sae.widths = ('16k',)
+    # 'layer:width' pairs of the layers x widths grid that have no SAE and are skipped.
+    c.sae.exclude = ()
+    # Encode in chunks of this many latents (0 = whole width at once); bounds peak memory
+    # for 65k-1M wide SAEs.
+    c.sae.chunk_size = 0
+
+    c.features = ml_collections.ConfigDict()
+    # Poolings of per-token SAE activations into one vector per text:
+    # 'mosaic' (MOSAIC's top-n counts), 'mean', 'max', 'sum', 'last'.
+    c.features.pooling = ('mosaic', 'mean', 'max')
+    # top_n of the 'mosaic' pooling (see features.py for MOSAIC's meaning of 0).
+    c.features.top_n = 0
+    # Train a probe on raw pooled values (False) and/or on (pooled > threshold) (True).
+    c.features.binarize = (False, True)
+    # MOSAIC's default binarization threshold.
+    c.features.threshold = 1.0
+    # False: padding and BOS never count (BOS carries huge, text-independent activations).
+    # True: every position counts, padding included, as in MOSAIC's extraction.
+    c.features.include_special = False
+
+    c.probe = ml_collections.ConfigDict()
+    # Inverse L2 strengths (sklearn's C), all trained in one vmapped call; the best on
+    # the validation split is reported on test.
+    c.probe.Cs = (0.01, 0.1, 1.0, 10.0)
+    # 'balanced' reweights classes like sklearn; '' for none.
+    c.probe.class_weight = 'balanced'
+    # Standardise features before the probe (mean/std of the training split).
+    c.probe.standardize = False
+    # 'lbfgs' (full batch) or 'adam' (minibatch, early stopping; MOSAIC's recipe).
+    c.probe.solver = 'lbfgs'
+    # Iterations of L-BFGS / epochs of Adam.
+    c.probe.max_iter = 500
+    # 'cached': extract pooled features once, then fit every probe from them (default).
+    # 'fused': one compiled step does forward -> SAE -> pool -> probe update (streaming).
+    c.probe.train = 'cached'
+    # Fused training: epochs over the training split, Adam learning rate, and which
+    # pooling/binarize variant and C the single streamed probe uses.
+    c.probe.fused_epochs = 3
+    c.probe.fused_lr = 1e-3
+    c.probe.fused_variant = 'mean'
+    c.probe.fused_binarize = False
+    c.probe.fused_C = 1.0
+
+    c.data = ml_collections.ConfigDict()
+    # Datasets: registry names (data.DATASETS), 'sae_probes:<name>', or local files.
+    c.data.datasets = ('sae_probes:95_toxic_is',)
+    # Column names for local files / hub ids not in the registry.
+    c.data.text_field = 'prompt'
+    c.data.label_field = 'target'
+    # Keep at most this many rows per dataset (stratified, seeded); 0 = all.
+    c.data.max_rows = 0
+    # Train / validation / test fractions (stratified).
+    c.data.fractions = (0.7, 0.1, 0.2)
+
+    # Baselines beside the SAE probes: 'hidden_last' (MOSAIC's last-token hidden state),
+    # 'hidden_mean', 'tfidf', 'decision_tree' (on SAE features, for interpretability).
+    c.baselines = ('hidden_last', 'hidden_mean', 'tfidf', 'decision_tree')
+    # Metrics reported; the first is the headline.
+    c.metrics = ('macro_f1', 'accuracy', 'roc_auc')
+    # K of the stratified K-fold cross-validation of the chosen probe (0 = skip).
+    c.cv_folds = 0
+
+    c.parallel = ml_collections.ConfigDict()
+    # 'pmap' (local devices, batch split), 'mesh' (jax.sharding over a 1-D data mesh,
+    # also multi-host) or 'single' (one device).
+    c.parallel.mode = 'pmap'
+    # Multi-host: call jax.distributed.initialize() first (TPU VMs need no address).
+    c.parallel.distributed = False
+    c.parallel.coordinator_address = ''
+    c.parallel.num_processes = 0
+    c.parallel.process_id = -1
+    # Use gloo collectives on CPU (multi-process CPU runs and tests).
+    c.parallel.cpu_collectives = ''
+
+    # Write the HTML report after classification.
+    c.report = True
+    return c

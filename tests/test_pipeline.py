@@ -1,0 +1,233 @@
+"""The compiled pipeline: device modes agree, fused == cached, one program, main.py end to end.
+
+Uses a tiny random Gemma-2 (transformers, saved with save_pretrained), a BPE tokenizer
+trained on the texts, and random JumpReLU SAEs whose thresholds are set from the tiny
+model's own pre-activations so that codes are sparse but not empty.
+"""
+import csv
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mosaic_jax import data
+from mosaic_jax import models
+from mosaic_jax import pipeline
+from mosaic_jax import probe
+from mosaic_jax import sae as sae_lib
+from tests import tiny_assets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAYERS = (1, 2)
+WIDTH = 128
+N_ROWS = 200
+
+
+def _build(folder: str) -> dict:
+    import torch
+    import transformers
+
+    ds = data.load(data.resolve('sae_probes:95_toxic_is', max_rows=N_ROWS, seed=0))
+    model_dir = os.path.join(folder, 'model')
+    tiny_assets.save_tiny_tokenizer(model_dir, ds.texts, vocab_size=384)
+    cfg = transformers.Gemma2Config(
+        vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8,
+        query_pre_attn_scalar=24, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    torch.manual_seed(0)
+    transformers.Gemma2ForCausalLM(cfg).eval().save_pretrained(model_dir)
+
+    model = models.load_model(model_dir, dtype='float32')
+    tok = models.load_tokenizer(model_dir)
+    ids, _ = data.tokenize(ds.texts[:32], tok, 32)
+    b = next(iter(data.batches(ids, 32, pad_id=tok.pad_token_id)))
+    resid = np.asarray(model.residuals(b.input_ids, b.attention_mask, LAYERS))
+    for i, layer in enumerate(LAYERS):
+        arrays = tiny_assets.random_sae_arrays(64, WIDTH, seed=layer)
+        x = resid[i][np.asarray(b.attention_mask, bool)]           # [tokens, D]
+        pre = x @ arrays['W_enc'] + arrays['b_enc']
+        # ~30% of tokens fire each latent: sparse but informative codes.
+        arrays['threshold'] = np.quantile(pre, 0.7, axis=0).clip(1e-3).astype(np.float32)
+        sae_dir = os.path.join(folder, f'sae_layer_{layer}')
+        os.makedirs(sae_dir)
+        np.savez(os.path.join(sae_dir, 'params.npz'), **arrays)
+    return dict(folder=folder, model_dir=model_dir, ds=ds)
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+    return _build(str(tmp_path_factory.mktemp('tiny')))
+
+
+@pytest.fixture(scope='module')
+def loaded(tiny):
+    model = models.load_model(tiny['model_dir'], dtype='float32')
+    tok = models.load_tokenizer(tiny['model_dir'])
+    saes = {f'layer_{l}/{WIDTH}': sae_lib.load_sae(os.path.join(tiny['folder'], f'sae_layer_{l}'),
+                                                 d_model=64) for l in LAYERS}
+    spec = pipeline.FeatureSpec(
+        layers=LAYERS, saes=tuple((k, i) for i, k in enumerate(saes)),
+        pooling=('mosaic', 'mean', 'max'), binarize=(False, True), top_n=0, threshold=0.5,
+        chunk_size=0, hidden=('last', 'mean'))
+    ids, _ = data.tokenize(tiny['ds'].texts, tok, 32)
+    return dict(model=model, tok=tok, saes=saes, spec=spec, ids=ids)
+
+
+def _extract(loaded, mode, batch_size=16):
+    ex = pipeline.Extractor(loaded['model'], loaded['saes'], loaded['spec'],
+                            pipeline.Devices(mode))
+    batches = data.batches(loaded['ids'], batch_size, pad_id=loaded['tok'].pad_token_id,
+                           multiple_of=8)
+    return pipeline.extract(ex, batches, len(loaded['ids']), bos_id=loaded['tok'].bos_token_id,
+                            include_special=False, progress=False)
+
+
+def test_pmap_and_mesh_equal_one_device(loaded):
+    assert jax.device_count() == 8
+    one = _extract(loaded, 'single')
+    for mode in ('pmap', 'mesh'):
+        many = _extract(loaded, mode)
+        assert one.keys() == many.keys()
+        for k in one:
+            # Same XLA ops per row on every device; only reduction order may differ.
+            np.testing.assert_allclose(many[k], one[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    # Codes are informative: neither all zero nor all on.
+    k = f'layer_1/{WIDTH}/mean/bin'
+    assert 0.05 < one[k].mean() < 0.95
+
+
+def test_streaming_batch_size_does_not_change_features(loaded):
+    a = _extract(loaded, 'single', batch_size=8)
+    b = _extract(loaded, 'single', batch_size=32)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def _fused_setup(loaded, mode):
+    ds_labels = np.asarray(data.load(data.resolve('sae_probes:95_toxic_is', max_rows=N_ROWS,
+                                                  seed=0)).labels)
+    key = f'layer_2/{WIDTH}/mean'
+    devices = pipeline.Devices(mode)
+    trainer = pipeline.FusedTrainer(loaded['model'], loaded['saes'], loaded['spec'], key,
+                                    devices, C=1.0, lr=1e-2, n_train=len(ds_labels),
+                                    num_classes=2, seed=0)
+
+    def batches_fn():
+        return data.batches(loaded['ids'], 16, pad_id=loaded['tok'].pad_token_id,
+                            multiple_of=8)
+    return ds_labels, key, trainer, batches_fn
+
+
+def test_fused_equals_cached_and_devices_agree(loaded):
+    labels, key, _, batches_fn = _fused_setup(loaded, 'single')
+    weights = probe.class_weights(labels, 2)
+    feats = _extract(loaded, 'single')
+    cached = pipeline.train_cached_minibatch(feats[key], labels, weights, batches_fn,
+                                             epochs=2, lr=1e-2, C=1.0, num_classes=2, seed=0)
+    preds = {}
+    for mode in ('single', 'pmap', 'mesh'):
+        _, _, trainer, _ = _fused_setup(loaded, mode)
+        losses = pipeline.train_fused(trainer, batches_fn, labels, weights, epochs=2,
+                                      bos_id=loaded['tok'].bos_token_id, include_special=False)
+        assert losses[-1] < losses[0]
+        for a, b in zip(jax.tree.leaves(trainer.params), jax.tree.leaves(cached)):
+            # Identical features and update; float32 reduction order differs across modes.
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-4, rtol=1e-4)
+        preds[mode] = np.asarray(probe.predict(trainer.params, feats[key]))
+    cached_pred = np.asarray(probe.predict(cached, feats[key]))
+    for mode, p in preds.items():
+        np.testing.assert_array_equal(p, cached_pred, err_msg=mode)
+
+
+@pytest.mark.parametrize('mode', ['pmap', 'mesh'])
+def test_fused_step_is_one_program_with_forward_and_update(loaded, mode):
+    labels, key, trainer, batches_fn = _fused_setup(loaded, mode)
+    b = next(iter(batches_fn()))
+    fm = pipeline.feature_mask(b.input_ids, b.attention_mask, loaded['tok'].bos_token_id, False)
+    lab = np.zeros(len(b.index), np.int32)
+    w = np.ones(len(b.index), np.float32)
+    text = trainer.lowered_text(b, fm, lab, w)
+    # One StableHLO module with a single public entry point...
+    assert text.count('func.func public @main') == 1
+    # ...that contains the model forward (its attention-softmax exp, GELU tanh, RMSNorm
+    # rsqrt) and the optax Adam update (named scope from pipeline.probe_update).
+    for op in ('stablehlo.tanh', 'stablehlo.rsqrt', 'stablehlo.exponential'):
+        assert op in text, op
+    assert 'probe_update' in trainer._step.lower(*trainer._args(b, fm, lab, w)).as_text(
+        debug_info=True)
+
+
+def _main(tiny, workdir, *extra):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    cmd = [sys.executable, 'main.py', '--config=configs/tiny.py',
+           f'--config.model.path={tiny["model_dir"]}',
+           f'--config.sae.source={tiny["folder"]}/sae_layer_{{layer}}',
+           f'--config.workdir={workdir}', *extra]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_main_tiny_end_to_end(tiny, tmp_path):
+    r = _main(tiny, tmp_path, '--config.run_id=r1')
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert 'macroF1' in r.stdout  # the summary table
+    files = glob.glob(f'{tmp_path}/tiny/95_toxic_is/layer_*/{WIDTH}/r1/*_classifier_results.json')
+    assert len(files) == 2 * len(LAYERS), files
+    for f in files:
+        res = json.load(open(f))
+        assert {'metadata', 'models'} <= res.keys()
+        perf = res['models']['linearProbe']['performance']
+        assert 0.0 <= perf['accuracy'] <= 1.0
+        macro = res['models']['linearProbe']['aggregated_metrics']['macro avg']['f1_score']
+        assert 0.0 <= macro <= 1.0
+        assert res['metadata']['mosaic_jax']['config']['model']['path'] == tiny['model_dir']
+    rows = list(csv.DictReader(open(f'{tmp_path}/tiny/_runs/r1/summary.csv')))
+    kinds = {r['kind'] for r in rows}
+    assert {'sae', 'hidden', 'tfidf', 'tree'} <= kinds
+    for r in rows:
+        assert 0.0 <= float(r['macro_f1']) <= 1.0
+    # TF-IDF on real toxic-comment texts is far above chance.
+    tfidf = [float(r['macro_f1']) for r in rows if r['kind'] == 'tfidf']
+    assert tfidf[0] > 0.6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def test_multihost_two_processes_match_one(tiny, tmp_path):
+    """Two processes x 2 CPU devices on 127.0.0.1 form one 4-device job (gloo)."""
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS='cpu', HF_HUB_OFFLINE='1',
+               XLA_FLAGS='--xla_force_host_platform_device_count=2')
+    worker = os.path.join(ROOT, 'tests', 'multihost_worker.py')
+    procs = [subprocess.Popen(
+        [sys.executable, worker, tiny['model_dir'], tiny['folder'], str(tmp_path), str(port),
+         str(i)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (o, e) in zip(procs, outs):
+        assert p.returncode == 0, e[-4000:]
+    multi = np.load(tmp_path / 'features_mh.npz')
+    single_env = dict(env, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+    r = subprocess.run([sys.executable, worker, tiny['model_dir'], tiny['folder'],
+                        str(tmp_path), '0', '-1'], cwd=ROOT, env=single_env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    single = np.load(tmp_path / 'features_1p.npz')
+    assert set(multi.files) == set(single.files)
+    for k in single.files:
+        np.testing.assert_allclose(multi[k], single[k], atol=1e-5, rtol=1e-5, err_msg=k)
+    m_rows = list(csv.DictReader(open(tmp_path / 'mh' / 'tiny' / '_runs' / 'mh' / 'summary.csv')))
+    s_rows = list(csv.DictReader(open(tmp_path / '1p' / 'tiny' / '_runs' / '1p' / 'summary.csv')))
+    assert [r['macro_f1'] for r in m_rows] == [r['macro_f1'] for r in s_rows]
+    # Only process 0 wrote results: one summary for the two-process run.
+    assert len(glob.glob(str(tmp_path / 'mh' / 'tiny' / '_runs' / '*'))) == 1

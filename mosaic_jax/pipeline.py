@@ -577,9 +577,9 @@ def run(config) -> list[dict]:
     for ds_name in config.data.datasets:
         t = time.perf_counter()
         try:
-            ds = data.load(data.resolve(ds_name, text_field=config.data.text_field,
-                                        label_field=config.data.label_field,
-                                        max_rows=config.data.max_rows, seed=config.seed))
+            ds = data.load(ds_name, text_field=config.data.text_field,
+                           label_field=config.data.label_field, max_rows=config.data.max_rows,
+                           seed=config.seed)
         except (ValueError, FileNotFoundError, KeyError) as e:
             raise UserError(f'dataset {ds_name!r}: {e}') from e
         y = ds.labels
@@ -672,9 +672,8 @@ def _probe_dataset(config, ds, feats, splits, metric_names, run_id, writer, resu
             best = max(variants.values(), key=lambda r: r.val[metric_names[0]])
             tree = None
             if 'decision_tree' in config.baselines:
-                tree = baselines.run('decision_tree', x_train=feats[best.key][tr],
-                                     y_train=y[tr], x_test=feats[best.key][te],
-                                     seed=config.seed)
+                tree = baselines.run('decision_tree', feats[best.key][tr], y[tr],
+                                     feats[best.key][te], num_classes=C, seed=config.seed)
                 rows.append({**common, 'layer': layer, 'width': width, 'kind': 'tree',
                              'variant': best.key.split('/', 2)[2], 'C': None,
                              **_metrics_from_proba(y[te], tree['proba'], metric_names)})
@@ -685,8 +684,8 @@ def _probe_dataset(config, ds, feats, splits, metric_names, run_id, writer, resu
                                      tree, hidden_res, results)
     if 'tfidf' in config.baselines:
         t = time.perf_counter()
-        out = baselines.run('tfidf', texts_train=[ds.texts[i] for i in tr], y_train=y[tr],
-                            texts_test=[ds.texts[i] for i in te], seed=config.seed)
+        out = baselines.run('tfidf', [ds.texts[i] for i in tr], y[tr],
+                            [ds.texts[i] for i in te], num_classes=C, seed=config.seed)
         rows.append({**common, 'layer': '-', 'width': '-', 'kind': 'tfidf', 'variant': 'tfidf',
                      'C': None, 'seconds': time.perf_counter() - t,
                      **_metrics_from_proba(y[te], out['proba'], metric_names)})

@@ -42,7 +42,7 @@ def main(model_dir, folder, out, port, pid):
         layers=tuple(c.layers), saes=tuple((k, i) for i, k in enumerate(saes)),
         pooling=tuple(c.features.pooling), binarize=tuple(c.features.binarize),
         top_n=0, threshold=1.0, chunk_size=0, hidden=('last',))
-    ds = data.load(data.resolve(c.data.datasets[0], max_rows=c.data.max_rows, seed=c.seed))
+    ds = data.load(c.data.datasets[0], max_rows=c.data.max_rows, seed=c.seed)
     ids, _ = data.tokenize(ds.texts, tok, c.model.max_length)
     devices = pipeline.Devices('mesh')
     ex = pipeline.Extractor(model, saes, spec, devices)

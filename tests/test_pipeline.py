@@ -33,7 +33,7 @@ def _build(folder: str) -> dict:
     import torch
     import transformers
 
-    ds = data.load(data.resolve('sae_probes:95_toxic_is', max_rows=N_ROWS, seed=0))
+    ds = data.load('sae_probes:95_toxic_is', max_rows=N_ROWS, seed=0)
     model_dir = os.path.join(folder, 'model')
     tiny_assets.save_tiny_tokenizer(model_dir, ds.texts, vocab_size=384)
     cfg = transformers.Gemma2Config(
@@ -110,8 +110,7 @@ def test_streaming_batch_size_does_not_change_features(loaded):
 
 
 def _fused_setup(loaded, mode):
-    ds_labels = np.asarray(data.load(data.resolve('sae_probes:95_toxic_is', max_rows=N_ROWS,
-                                                  seed=0)).labels)
+    ds_labels = np.asarray(data.load('sae_probes:95_toxic_is', max_rows=N_ROWS, seed=0).labels)
     key = f'layer_2/{WIDTH}/mean'
     devices = pipeline.Devices(mode)
     trainer = pipeline.FusedTrainer(loaded['model'], loaded['saes'], loaded['spec'], key,

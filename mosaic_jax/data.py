@@ -1,0 +1,611 @@
+"""Labelled text datasets (sae-probes collection, local files, HF hub), splits, tokenisation
+and length-bucketed batches with static shapes.
+
+A dataset spec is a registry name (`DATASETS`), `sae_probes:<name>`, a local file path, a hub
+id, or a dict / ConfigDict with the keys of `SPEC_KEYS`. Everything ends as `LabeledTexts`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import importlib.util
+import math
+import numbers
+import os
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+from absl import logging
+import datasets
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+SAE_PROBES_PREFIX = 'sae_probes:'
+# Keys a dict spec may carry (anything else is a typo and raises).
+SPEC_KEYS = ('name', 'hub', 'path', 'text_field', 'label_field', 'split', 'subset',
+             'revision', 'max_rows', 'max_classes', 'task', 'seed', 'dedupe')
+# More distinct label values than this is not a classification task (banking77 has 77,
+# MASSIVE intents 60); numeric labels beyond it are a regression target.
+MAX_CLASSES = 100
+# Numeric labels with fractional values are class codes only when there are a handful of
+# them (e.g. 0.5 steps); more distinct fractional values means a continuous target.
+_MAX_FRACTIONAL_CLASSES = 10
+_TASKS = ('auto', 'classification')
+# Longest suffix first so 'x.csv.zst' is not taken for a plain file with suffix '.zst'.
+_FILE_SUFFIXES = (('.csv.zst', 'csv.zst'), ('.parquet', 'parquet'), ('.jsonl', 'json'),
+                  ('.json', 'json'), ('.csv', 'csv'))
+
+
+# ---------------------------------------------------------------------------------------
+# Registry of the paper's datasets (fields as in MOSAIC's config*.yaml and the hub cards).
+# ---------------------------------------------------------------------------------------
+# datasets >= 4 no longer runs hub loading scripts; script-based repos (banking77, tweet
+# sentiment, MASSIVE) load from the hub's automatic parquet export branch instead.
+_PARQUET = 'refs/convert/parquet'
+
+
+def _registry() -> dict[str, dict[str, Any]]:
+    reg: dict[str, dict[str, Any]] = {
+        # MOSAIC evaluates the 'test' split (its only split); labels 'Harmless'/'Harmful'.
+        'election_questions': dict(hub='Anthropic/election_questions', split='test',
+                                   text_field='question', label_field='label'),
+        'reject_prompts': dict(hub='AIM-Harvard/reject_prompts', split='train',
+                               text_field='text', label_field='label'),
+        # MOSAIC uses the 'test' split; labels 'benign'/'jailbreak'.
+        'jailbreak_classification': dict(hub='jackhhao/jailbreak-classification',
+                                         split='test', text_field='prompt', label_field='type'),
+        # MOSAIC's banking77 config used the legacy mirror with the same fields.
+        'banking77': dict(hub='PolyAI/banking77', split='train', text_field='text',
+                          label_field='label', revision=_PARQUET),
+        # sae-probes demo sets, under short aliases.
+        'toxic_is': dict(name=SAE_PROBES_PREFIX + '95_toxic_is'),
+        'spam_is': dict(name=SAE_PROBES_PREFIX + '96_spam_is'),
+        'twt_emotion': dict(name=SAE_PROBES_PREFIX + '102_twt_emotion'),
+    }
+    # One split per language (5000 rows each, labels 0/1).
+    for lang in ('en', 'ru', 'uk', 'de', 'es', 'am', 'zh', 'ar', 'hi'):
+        reg[f'multilingual_toxicity_{lang}'] = dict(
+            hub='textdetox/multilingual_toxicity_dataset', split=lang,
+            text_field='text', label_field='toxic')
+    # One config per language; MOSAIC uses the 'test' split (negative/neutral/positive).
+    for lang in ('english', 'spanish', 'french', 'german', 'portuguese', 'italian',
+                 'arabic', 'hindi'):
+        reg[f'tweet_sentiment_{lang}'] = dict(
+            hub='cardiffnlp/tweet_sentiment_multilingual', subset=lang, split='test',
+            text_field='text', label_field='label', revision=_PARQUET)
+    # One config per locale; 'intent' (60 classes) and 'scenario' (18) are ClassLabels.
+    for locale in ('en-US', 'de-DE', 'es-ES', 'fr-FR', 'ru-RU', 'zh-CN', 'ja-JP', 'ar-SA',
+                   'hi-IN'):
+        for target in ('intent', 'scenario'):
+            reg[f'massive_{target}_{locale}'] = dict(
+                hub='AmazonScience/massive', subset=locale, split='train',
+                text_field='utt', label_field=target, revision=_PARQUET)
+    for key, spec in reg.items():
+        spec.setdefault('name', key)
+    return reg
+
+
+DATASETS: dict[str, dict[str, Any]] = _registry()
+
+
+# ---------------------------------------------------------------------------------------
+# Loaded data.
+# ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LabeledTexts:
+    """Texts with integer class labels.
+
+    texts: N strings; labels: int64[N] in 0..C-1; label_names: C names (label_names[k] is the
+    original value of class k); name: short dataset name; source: where it was read from;
+    num_dropped: rows dropped for an empty/missing text or label.
+    """
+    texts: list[str]
+    labels: np.ndarray
+    label_names: list[str]
+    name: str
+    source: str
+    num_dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    def subset(self, idx: Sequence[int] | np.ndarray) -> 'LabeledTexts':
+        """Rows `idx` (int[M]) with the same label encoding (classes may become empty)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return dataclasses.replace(self, texts=[self.texts[i] for i in idx],
+                                   labels=self.labels[idx])
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """A spec with every field resolved; `kind` is 'sae_probes' | 'file' | 'hub'."""
+    kind: str
+    name: str
+    location: str            # file path, or hub id
+    text_field: str
+    label_field: str
+    split: str | None
+    subset: str | None
+    revision: str | None
+    max_rows: int
+    max_classes: int
+    task: str
+    seed: int
+    dedupe: bool
+
+
+def _as_dict(spec: Any) -> dict[str, Any]:
+    if hasattr(spec, 'to_dict'):  # ml_collections.ConfigDict
+        spec = spec.to_dict()
+    if not isinstance(spec, Mapping):
+        raise ValueError(f'dataset spec must be a str or a dict, got {type(spec).__name__}')
+    spec = dict(spec)
+    if unknown := sorted(set(spec) - set(SPEC_KEYS)):
+        raise ValueError(f'unknown dataset spec keys {unknown}; valid: {list(SPEC_KEYS)}')
+    return spec
+
+
+def _file_format(path: str) -> str | None:
+    lower = path.lower()
+    for suffix, fmt in _FILE_SUFFIXES:
+        if lower.endswith(suffix):
+            return fmt
+    return None
+
+
+def _spec_from_str(spec: str) -> dict[str, Any]:
+    if spec in DATASETS:
+        return dict(DATASETS[spec])
+    if spec.startswith(SAE_PROBES_PREFIX):
+        return dict(name=spec)
+    if os.path.exists(spec) or _file_format(spec):
+        return dict(path=spec)
+    if '/' in spec:
+        # A bare hub id that the registry knows exactly once gets its registered fields.
+        known = [dict(v) for v in DATASETS.values() if v.get('hub') == spec]
+        return known[0] if len(known) == 1 else dict(hub=spec)
+    close = difflib.get_close_matches(spec, list(DATASETS), n=5, cutoff=0.5)
+    raise ValueError(f'unknown dataset {spec!r}: not a registry name, sae_probes:<name>, '
+                     f'file or hub id. Close registry names: {close}')
+
+
+def resolve(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
+            max_rows: int = 0, seed: int = 0) -> Spec:
+    """Turns any accepted spec form into a fully resolved `Spec`.
+
+    The keyword arguments are fallbacks (the config's `data.*` fields) for values the spec
+    does not set itself; sae-probes sets always use their own `prompt`/`target` columns.
+    """
+    raw = _spec_from_str(spec) if isinstance(spec, str) else _as_dict(spec)
+    name = raw.get('name')
+    if name in DATASETS and not (raw.get('path') or raw.get('hub')):
+        # The registry entry, with the spec's other keys overriding it.
+        raw = {**DATASETS[name], **{k: v for k, v in raw.items() if k != 'name'}}
+        name = raw['name']
+    if raw.get('path') and raw.get('hub'):
+        raise ValueError(f'dataset spec sets both path={raw["path"]!r} and hub={raw["hub"]!r}')
+    if raw.get('path'):
+        kind, location = 'file', str(raw['path'])
+        name = name or os.path.basename(location).split('.')[0]
+    elif raw.get('hub'):
+        kind, location = 'hub', str(raw['hub'])
+        name = name or '_'.join(
+            [location.replace('/', '_')] + [str(raw[k]) for k in ('subset',) if raw.get(k)])
+    elif name and str(name).startswith(SAE_PROBES_PREFIX):
+        kind, location = 'sae_probes', str(name)[len(SAE_PROBES_PREFIX):]
+        name = location  # load() replaces it by the full file name ('95_toxic_is')
+        text_field, label_field = 'prompt', 'target'  # the collection's fixed columns
+    else:
+        raise ValueError(f'dataset spec {raw} names no source: give path=, hub=, a registry '
+                         f'name or sae_probes:<name>')
+    task = raw.get('task') or 'auto'
+    if task not in _TASKS:
+        raise ValueError(f'dataset {name!r}: task={task!r}; valid: {list(_TASKS)}')
+    return Spec(
+        kind=kind, name=str(name), location=location,
+        text_field=raw.get('text_field') or text_field,
+        label_field=raw.get('label_field') or label_field,
+        split=raw.get('split') or None, subset=raw.get('subset') or None,
+        revision=raw.get('revision') or None,
+        max_rows=int(raw.get('max_rows') or max_rows or 0),
+        max_classes=int(raw.get('max_classes') or MAX_CLASSES), task=task,
+        seed=int(raw['seed']) if raw.get('seed') is not None else seed,
+        dedupe=bool(raw.get('dedupe', False)))
+
+
+# ---------------------------------------------------------------------------------------
+# Readers: each returns a datasets.Dataset.
+# ---------------------------------------------------------------------------------------
+def sae_probes_dir() -> str:
+    """Folder of the sae-probes `cleaned_data/*.csv.zst` files (package found, not imported:
+    its __init__ pulls torch)."""
+    found = importlib.util.find_spec('sae_probes')
+    if found is None or not found.submodule_search_locations:
+        raise ValueError('the sae-probes datasets need the sae-probes package: '
+                         '`pip install --no-deps sae-probes`')
+    return os.path.join(list(found.submodule_search_locations)[0], 'data', 'cleaned_data')
+
+
+def sae_probes_names() -> list[str]:
+    """All dataset names of the sae-probes collection, e.g. '95_toxic_is'."""
+    suffix = '.csv.zst'
+    return sorted(f[:-len(suffix)] for f in os.listdir(sae_probes_dir()) if f.endswith(suffix))
+
+
+def _sae_probes_path(name: str) -> str:
+    names = sae_probes_names()
+    if name not in names:
+        # Accept the name without its number ('toxic_is') when that is unambiguous.
+        numbered = [n for n in names if n.split('_', 1)[-1] == name]
+        if len(numbered) != 1:
+            close = difflib.get_close_matches(name, names, n=5, cutoff=0.4)
+            raise ValueError(f'unknown sae-probes dataset {name!r} ({len(names)} available); '
+                             f'close matches: {close}')
+        name = numbered[0]
+    return os.path.join(sae_probes_dir(), name + '.csv.zst')
+
+
+@functools.lru_cache(maxsize=1)
+def _sae_probes_task_types() -> dict[str, str]:
+    """Dataset name -> the collection's own 'Data type' annotation (e.g. 'Continuous Data')."""
+    master = os.path.join(os.path.dirname(sae_probes_dir()), 'probing_datasets_MASTER.csv.zst')
+    if not os.path.exists(master):
+        return {}
+    table = pd.read_csv(master, compression='zstd')
+    out = {}
+    for save_name, dtype in zip(table['Dataset save name'], table['Data type']):
+        if isinstance(save_name, str) and isinstance(dtype, str):
+            out[os.path.basename(save_name).removesuffix('.csv')] = dtype
+    return out
+
+
+def _read_file(path: str, text_field: str):
+    if not os.path.exists(path):
+        raise ValueError(f'dataset file {path!r} does not exist')
+    fmt = _file_format(path)
+    if fmt is None:
+        raise ValueError(f'dataset file {path!r}: unknown format; use one of '
+                         f'{[s for s, _ in _FILE_SUFFIXES]}')
+    if fmt == 'csv.zst':
+            # Text column read as str so '1.50' stays '1.50' (pandas would parse a float).
+        frame = pd.read_csv(path, compression='zstd', converters={text_field: str})
+        return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    kwargs = dict(converters={text_field: str}) if fmt == 'csv' else {}
+    return datasets.load_dataset(fmt, data_files=path, split='train', **kwargs)
+
+
+def _read_hub(spec: Spec):
+    try:
+        return datasets.load_dataset(spec.location, spec.subset, split=spec.split,
+                                     revision=spec.revision)
+    except ConnectionError as e:
+        raise ValueError(
+            f'dataset {spec.name!r}: the hub dataset {spec.location!r} (subset={spec.subset}, '
+            f'split={spec.split}) cannot be reached and is not cached ({e}). Offline, export '
+            f'it to a local csv/parquet/jsonl file and pass path= instead.') from e
+
+
+# ---------------------------------------------------------------------------------------
+# Labels.
+# ---------------------------------------------------------------------------------------
+def _is_missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def encode_labels(values: Sequence[Any], *, name: str, class_names: Sequence[str] | None = None,
+                  max_classes: int = MAX_CLASSES, check_continuous: bool = True,
+                  ) -> tuple[np.ndarray, list[str]]:
+    """Encodes label values as sorted unique value -> 0..C-1.
+
+    Args:
+      values: N non-missing labels (str, int, float or bool).
+      name: dataset name, for errors.
+      class_names: names of integer codes (a hub ClassLabel), used for `label_names`.
+      max_classes: more distinct values than this is refused.
+      check_continuous: refuse numeric targets that look continuous (regression).
+    Returns:
+      int64[N] labels and C label names.
+    """
+    vals = list(values)
+    numeric = all(isinstance(v, numbers.Number) for v in vals)
+    if numeric:
+        arr = np.asarray(vals)
+        if arr.dtype.kind == 'f' and np.all(arr == np.round(arr)):
+            arr = arr.astype(np.int64)  # 1.0/0.0 (csv column that held NaNs) -> 1/0
+        uniq = np.unique(arr)
+        fractional = arr.dtype.kind == 'f'
+        if check_continuous and (len(uniq) > max_classes
+                                 or (fractional and len(uniq) > _MAX_FRACTIONAL_CLASSES)):
+            raise ValueError(
+                f'dataset {name!r}: the label is a continuous (regression) target '
+                f'({len(uniq)} distinct {"fractional " if fractional else ""}numeric values '
+                f'over {len(arr)} rows, e.g. {uniq[:4].tolist()}); only classification is '
+                f'supported')
+    else:
+        # Mixed or string labels compare as strings so sorting is well defined.
+        arr = np.asarray([v if isinstance(v, str) else str(v) for v in vals], dtype=object)
+        uniq = np.asarray(sorted(set(arr.tolist())), dtype=object)
+    if len(uniq) > max_classes:
+        raise ValueError(f'dataset {name!r}: {len(uniq)} distinct labels over {len(arr)} rows '
+                         f'exceeds max_classes={max_classes}; is label_field a text/id column?')
+    if len(uniq) < 2:
+        raise ValueError(f'dataset {name!r}: needs at least 2 classes, found {uniq.tolist()}')
+    codes = np.searchsorted(uniq, arr).astype(np.int64)
+    if class_names is not None:
+        names = [str(class_names[int(u)]) for u in uniq]
+    else:
+        names = [str(u.item() if hasattr(u, 'item') else u) for u in uniq]
+    return codes, names
+
+
+def _stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """Sorted int64[n] row indices, stratified by `labels` when every class allows it."""
+    idx = np.arange(len(labels))
+    try:
+        keep, _ = train_test_split(idx, train_size=n, stratify=labels, random_state=seed)
+    except ValueError as e:  # a class with one member, or fewer rows than classes
+        logging.warning('max_rows=%d: stratified subsample impossible (%s); sampling uniformly',
+                        n, e)
+        keep, _ = train_test_split(idx, train_size=n, random_state=seed)
+    return np.sort(keep).astype(np.int64)
+
+
+def _dedupe(texts: list[str], labels: list[Any]) -> tuple[list[str], list[Any]]:
+    """Keeps the first row of each text; drops texts that occur with different labels.
+
+    The sae-probes sets repeat texts (95_toxic_is: 728 rows, 584 distinct texts, 3 with both
+    labels), so a random split can put one copy in train and another in test.
+    """
+    seen: dict[str, set] = {}
+    for t, y in zip(texts, labels):
+        seen.setdefault(t, set()).add(y)
+    kept, out_t, out_y = set(), [], []
+    for t, y in zip(texts, labels):
+        if len(seen[t]) == 1 and t not in kept:
+            kept.add(t)
+            out_t.append(t)
+            out_y.append(y)
+    return out_t, out_y
+
+
+# ---------------------------------------------------------------------------------------
+# load.
+# ---------------------------------------------------------------------------------------
+def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
+         max_rows: int = 0, seed: int = 0) -> LabeledTexts:
+    """Loads a dataset spec (see module docstring) as `LabeledTexts`.
+
+    Keyword arguments are fallbacks for fields the spec leaves unset. Rows with an empty or
+    missing text or label are dropped (count logged, kept in `num_dropped`), and with
+    `dedupe=True` in the spec also repeated texts (see `_dedupe`; off by default, as in
+    MOSAIC and sae-probes). `max_rows` > 0 keeps a stratified, seeded subsample in
+    original order.
+    """
+    s = resolve(spec, text_field=text_field, label_field=label_field, max_rows=max_rows,
+                seed=seed)
+    check_continuous = s.task == 'auto'
+    if s.kind == 'sae_probes':
+        path = _sae_probes_path(s.location)
+        base = os.path.basename(path).removesuffix('.csv.zst')
+        kind = _sae_probes_task_types().get(base, '')
+        if check_continuous and kind == 'Continuous Data':
+            raise ValueError(f'dataset {s.name!r}: sae-probes marks {base!r} as a continuous '
+                             f'(regression) target; only classification is supported '
+                             f"(task='classification' forces discrete classes)")
+        table, source = _read_file(path, s.text_field), f'sae_probes:{path}'
+        s = dataclasses.replace(s, name=base)
+    elif s.kind == 'file':
+        table, source = _read_file(s.location, s.text_field), f'file:{s.location}'
+    else:
+        table = _read_hub(s)
+        source = f'hub:{s.location}' + (f'/{s.subset}' if s.subset else '') + (
+            f'[{s.split}]' if s.split else '')
+    if isinstance(table, datasets.DatasetDict):  # hub id without split=
+        raise ValueError(f'dataset {s.name!r}: give split=, one of {list(table.keys())}')
+    for field in (s.text_field, s.label_field):
+        if field not in table.column_names:
+            raise ValueError(f'dataset {s.name!r} ({source}): no column {field!r}; columns '
+                             f'present: {table.column_names}')
+    feature = table.features[s.label_field]
+    class_names = getattr(feature, 'names', None)  # datasets.ClassLabel
+    raw_texts, raw_labels = list(table[s.text_field]), list(table[s.label_field])
+
+    texts, labels = [], []
+    for t, y in zip(raw_texts, raw_labels):
+        if _is_missing(t) or _is_missing(y):
+            continue
+        t = t if isinstance(t, str) else str(t)
+        if not t.strip():
+            continue
+        texts.append(t)
+        labels.append(y)
+    if s.dedupe:
+        texts, labels = _dedupe(texts, labels)
+    dropped = len(raw_texts) - len(texts)
+    if dropped:
+        logging.info('dataset %s: dropped %d of %d rows (empty/missing text or label%s)',
+                     s.name, dropped, len(raw_texts), ', duplicates' if s.dedupe else '')
+    codes, names = encode_labels(labels, name=s.name, class_names=class_names,
+                                 max_classes=s.max_classes, check_continuous=check_continuous)
+    out = LabeledTexts(texts=texts, labels=codes, label_names=names, name=s.name,
+                       source=source, num_dropped=dropped)
+    if 0 < s.max_rows < len(out):
+        out = out.subset(_stratified_subset(codes, s.max_rows, s.seed))
+        present = np.unique(out.labels)
+        if len(present) < len(names):  # a tiny class fell out: re-number the rest densely
+            logging.warning('dataset %s: max_rows=%d lost classes %s', s.name, s.max_rows,
+                            sorted(set(names) - {names[k] for k in present}))
+            out = dataclasses.replace(out, labels=np.searchsorted(present, out.labels),
+                                      label_names=[names[k] for k in present])
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Splits.
+# ---------------------------------------------------------------------------------------
+def _split_two(idx: np.ndarray, labels: np.ndarray, n_second: int, seed: int, what: str):
+    """Splits idx into (rest, `n_second` rows), stratified when every class can be."""
+    if n_second <= 0:
+        return idx, idx[:0]
+    counts = np.bincount(labels[idx])
+    counts = counts[counts > 0]
+    # train_test_split needs >= 2 members per class and >= C rows on each side to stratify.
+    if counts.min() >= 2 and min(n_second, len(idx) - n_second) >= len(counts):
+        try:
+            return tuple(train_test_split(idx, test_size=n_second, stratify=labels[idx],
+                                          random_state=seed))
+        except ValueError as e:
+            reason = str(e)
+    else:
+        reason = f'class sizes {counts.tolist()} too small for {n_second} {what} rows'
+    logging.warning('%s split not stratified: %s', what, reason)
+    return tuple(train_test_split(idx, test_size=n_second, random_state=seed))
+
+
+def split(labels: np.ndarray, seed: int, fractions: Sequence[float] = (0.7, 0.1, 0.2),
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified, seeded train/val/test split.
+
+    Args:
+      labels: int[N] class labels.
+      seed: same seed -> same split.
+      fractions: (train, val, test), each >= 0, summing to 1; train and test > 0.
+    Returns:
+      (train_idx, val_idx, test_idx), sorted int64 arrays that partition range(N).
+    """
+    labels = np.asarray(labels)
+    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
+        raise ValueError(f'fractions={tuple(fractions)} must be 3 values >= 0 summing to 1')
+    f_train, f_val, f_test = fractions
+    if f_train <= 0 or f_test <= 0:
+        raise ValueError(f'fractions={tuple(fractions)}: train and test must be > 0')
+    if labels.ndim != 1 or len(labels) < 3:
+        raise ValueError(f'split needs int[N] labels with N >= 3, got shape {labels.shape}')
+    n = len(labels)
+    # Row counts, not fractions, go to sklearn: 0.1 / 0.8 of 800 rows is 100 only in exact
+    # arithmetic (sklearn's ceil of 100.00000000000001 would give 101).
+    n_test = max(1, round(f_test * n))
+    n_val = round(f_val * n)
+    if n - n_test - n_val < 1:
+        raise ValueError(f'fractions={tuple(fractions)} leave no training rows of {n}')
+    idx = np.arange(n, dtype=np.int64)
+    rest, test = _split_two(idx, labels, n_test, seed, 'test')
+    train, val = _split_two(np.asarray(rest), labels, n_val, seed, 'val')
+    return tuple(np.sort(np.asarray(a, dtype=np.int64)) for a in (train, val, test))
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenisation and batches.
+# ---------------------------------------------------------------------------------------
+def tokenize(texts: Sequence[str], tokenizer: Any, max_length: int, add_bos: bool = True,
+             ) -> tuple[list[list[int]], int]:
+    """Token ids per text, truncated to `max_length` (BOS included).
+
+    The tokenizer (a transformers tokenizer, or anything whose `__call__(texts,
+    add_special_tokens=False)` returns a mapping with 'input_ids') adds no special tokens;
+    BOS is prepended here so every text starts with exactly one BOS whatever the tokenizer's
+    defaults. Truncation keeps the start of the text, as HF `truncation=True` does.
+    Returns the id lists and how many texts were truncated (logged).
+    """
+    if max_length < 1:
+        raise ValueError(f'max_length={max_length} must be >= 1')
+    bos = getattr(tokenizer, 'bos_token_id', None)
+    if add_bos and bos is None:
+        raise ValueError('add_bos=True but the tokenizer has no bos_token_id')
+    if not texts:
+        return [], 0
+    ids = tokenizer(list(texts), add_special_tokens=False)['input_ids']
+    out, truncated = [], 0
+    for row in ids:
+        row = ([int(bos)] if add_bos else []) + [int(t) for t in row]
+        if len(row) > max_length:
+            truncated += 1
+            row = row[:max_length]
+        out.append(row)
+    if truncated:
+        logging.info('truncated %d of %d texts to max_length=%d tokens', truncated, len(out),
+                     max_length)
+    return out, truncated
+
+
+class Batch(NamedTuple):
+    """One padded batch (a NamedTuple, hence a JAX pytree).
+
+    input_ids int32[B, L]; attention_mask bool[B, L]; index int64[B] (row in the input list,
+    -1 for filler rows); valid bool[B] (False for filler rows).
+    """
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    index: np.ndarray
+    valid: np.ndarray
+
+
+DEFAULT_BUCKETS = tuple(32 * 2 ** k for k in range(9))  # 32 ... 8192 tokens
+
+
+def bucket_length(n: int, bucket_sizes: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """Smallest bucket >= n."""
+    for b in sorted(bucket_sizes):
+        if b >= n:
+            return int(b)
+    raise ValueError(f'sequence of {n} tokens exceeds the largest bucket '
+                     f'{max(bucket_sizes)}; truncate (tokenize max_length) or add a bucket')
+
+
+def batches(token_ids: Sequence[Sequence[int]], batch_size: int, *, pad_id: int,
+            pad_side: str = 'right', bucket_sizes: Sequence[int] = DEFAULT_BUCKETS,
+            pad_batch_to: int | None = None, multiple_of: int = 1) -> Iterator[Batch]:
+    """Length-sorted, bucket-padded batches of static batch size.
+
+    Texts are sorted longest first (ties by index, so the order is deterministic) and cut
+    into batches of `batch_size`; each batch is padded to the smallest bucket >= its longest
+    member, so a run compiles one shape per bucket used. The last batch is filled up to
+    `batch_size` with filler rows: copies of its first row (a well-formed sequence, so no
+    row is fully masked and attention never sees an all -inf softmax row) with valid=False
+    and index=-1. Every input index appears exactly once among valid rows.
+
+    Args:
+      token_ids: N id lists (from `tokenize`), each non-empty.
+      batch_size: rows per batch B; must divide by `multiple_of` (the device count).
+      pad_id: id written into padding positions (masked out).
+      pad_side: 'right' or 'left' (positions come from the mask, so both are exact).
+      bucket_sizes: allowed padded lengths.
+      pad_batch_to: if set, every batch is padded to exactly this many tokens (one shape
+        for the whole run) instead of bucketing.
+      multiple_of: batch_size must be a multiple of this.
+    Yields:
+      `Batch`es with input_ids int32[B, L], attention_mask bool[B, L], index int64[B],
+      valid bool[B].
+    """
+    if pad_side not in ('right', 'left'):
+        raise ValueError(f"pad_side={pad_side!r}; valid: 'right', 'left'")
+    if batch_size < 1 or multiple_of < 1 or batch_size % multiple_of:
+        raise ValueError(f'batch_size={batch_size} must be a positive multiple of '
+                         f'multiple_of={multiple_of} (the device count)')
+    lengths = np.asarray([len(t) for t in token_ids], dtype=np.int64)
+    if len(lengths) and lengths.min() < 1:
+        raise ValueError(f'token_ids row {int(lengths.argmin())} is empty')
+    if pad_batch_to is not None and len(lengths) and lengths.max() > pad_batch_to:
+        raise ValueError(f'pad_batch_to={pad_batch_to} is shorter than the longest sequence '
+                         f'({int(lengths.max())} tokens)')
+    order = np.argsort(-lengths, kind='stable')
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        length = pad_batch_to or bucket_length(int(lengths[rows].max()), bucket_sizes)
+        ids = np.full((batch_size, length), pad_id, dtype=np.int32)
+        mask = np.zeros((batch_size, length), dtype=bool)
+        index = np.full((batch_size,), -1, dtype=np.int64)
+        valid = np.zeros((batch_size,), dtype=bool)
+        index[:len(rows)], valid[:len(rows)] = rows, True
+        for b, i in enumerate(rows):
+            n = int(lengths[i])
+            cols = slice(0, n) if pad_side == 'right' else slice(length - n, length)
+            ids[b, cols] = token_ids[i]
+            mask[b, cols] = True
+        ids[len(rows):], mask[len(rows):] = ids[0], mask[0]  # filler rows (valid=False)
+        yield Batch(input_ids=ids, attention_mask=mask, index=index, valid=valid)

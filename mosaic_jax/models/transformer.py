@@ -1,0 +1,137 @@
+"""The Gemma 2 / Gemma 3 text decoder as one Flax NNX module.
+
+Layer numbering: "layer L" is the residual stream after block L (0-based), which is Gemma
+Scope's layer L and transformers' `hidden_states[L + 1]`. MOSAIC indexes
+`hidden_states[L]` instead (the stream *before* block L, `hidden_states[0]` being the scaled
+embeddings); the pipeline maps its `layer_convention` onto block indices, this module only
+knows block indices.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mosaic_jax.models import layers, modules
+from mosaic_jax.models.config import AttentionType, GemmaConfig, resolve_dtype
+
+
+@flax.struct.dataclass
+class Output:
+    """What a forward pass returns.
+
+    Attributes:
+      logits: float32[B, L, V] after the final soft cap; None when the pass stopped early.
+      hidden: block index -> float32[B, L, D], the residual stream after that block
+        (before the final norm, also for the last block).
+    """
+    logits: jax.Array | None
+    hidden: dict[int, jax.Array]
+
+
+def positions_and_masks(attention_mask: jax.Array, sliding_window: int | None):
+    """Positions and the two attention masks, exact under left or right padding.
+
+    Args:
+      attention_mask: [B, L], nonzero on real tokens.
+      sliding_window: keys at most this many positions back (self included) stay visible on
+        sliding layers; None when the model has none.
+    Returns:
+      positions int32[B, L] = cumsum(mask) - 1 clipped at 0 (padding never shifts a real
+      token's position), and {AttentionType: bool[B, L(query), L(key)]}: causal in index,
+      padding keys hidden, and on sliding layers `q_pos - k_pos < sliding_window` (HF's
+      `kv_idx > q_idx - sliding_window` on an unpadded sequence).
+    """
+    valid = attention_mask.astype(bool)                               # [B, L]
+    positions = jnp.maximum(jnp.cumsum(valid, axis=-1, dtype=jnp.int32) - 1, 0)
+    idx = jnp.arange(valid.shape[-1])
+    causal = idx[:, None] >= idx[None, :]                             # [L, L]
+    full = causal[None] & valid[:, None, :]                           # [B, L, L]
+    masks = {AttentionType.GLOBAL: full}
+    if sliding_window:
+        dist = positions[:, :, None] - positions[:, None, :]          # [B, L, L]
+        masks[AttentionType.LOCAL_SLIDING] = full & (dist < sliding_window)
+    return positions, masks
+
+
+class Transformer(nnx.Module):
+    """Gemma decoder: embedder, `layers[i]` blocks, `final_norm`, tied soft-capped head."""
+
+    def __init__(self, config: GemmaConfig, *, dtype='float32', rngs: nnx.Rngs):
+        """dtype is both the parameter and the compute dtype ('float32' or 'bfloat16')."""
+        dtype = resolve_dtype(dtype)
+        self.config = config
+        self.dtype = dtype
+        self.embedder = modules.Embedder(config, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([modules.Block(config, t, dtype=dtype, rngs=rngs)
+                                for t in config.attn_types])
+        self.final_norm = layers.RMSNorm(config.embed_dim, eps=config.rms_norm_eps,
+                                         dtype=dtype, rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 capture: Sequence[int] = (), *, return_logits: bool = True) -> Output:
+        """Forward pass.
+
+        Args:
+          input_ids: int[B, L].
+          attention_mask: [B, L], 1 on real tokens, 0 on padding (left or right); None means
+            no padding.
+          capture: static block indices whose output residual stream to return.
+          return_logits: False stops after block max(capture): later blocks, the final norm
+            and the LM head are never computed (the SAE pipeline never needs them).
+        Returns:
+          Output with float32 logits (None when return_logits is False) and `hidden`.
+        """
+        capture = _check_blocks(capture, self.config.num_layers)
+        if not return_logits and not capture:
+            raise ValueError('return_logits=False needs at least one block in capture')
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        positions, masks = positions_and_masks(attention_mask, self.config.sliding_window)
+
+        last = self.config.num_layers - 1 if return_logits else max(capture)
+        x = self.embedder.encode(input_ids)                           # [B, L, D]
+        hidden = {}
+        for i in range(last + 1):
+            block = self.layers[i]
+            x = block(x, positions, masks[block.attn.attn_type])
+            if i in capture:
+                hidden[i] = x.astype(jnp.float32)
+
+        logits = None
+        if return_logits:
+            logits = self.embedder.decode(self.final_norm(x)).astype(jnp.float32)
+            logits = modules.soft_cap(logits, self.config.final_logit_softcapping)
+        return Output(logits=logits, hidden=hidden)
+
+    def residuals(self, input_ids: jax.Array, attention_mask: jax.Array,
+                  layers: Sequence[int]) -> jax.Array:
+        """Residual streams after the given blocks, computing no block past the deepest.
+
+        Block L's output equals transformers' `hidden_states[L + 1]` for every block but the
+        last: HF's final entry is taken after the final norm, ours is the raw stream.
+        MOSAIC's "layer L" is `hidden_states[L]`, i.e. block L - 1 here.
+
+        Args:
+          input_ids: int[B, L].
+          attention_mask: [B, L], 1 on real tokens (left or right padding).
+          layers: static block indices (0-based), e.g. (3, 8); repeats allowed.
+        Returns:
+          float32[len(layers), B, L, D].
+        """
+        layers = tuple(layers)
+        out = self(input_ids, attention_mask, capture=layers, return_logits=False)
+        return jnp.stack([out.hidden[i] for i in layers])
+
+
+def _check_blocks(blocks: Sequence[int], num_layers: int) -> frozenset[int]:
+    blocks = tuple(int(b) if isinstance(b, (int, np.integer)) else b for b in blocks)
+    bad = [b for b in blocks if not (isinstance(b, int) and 0 <= b < num_layers)]
+    if bad:
+        raise ValueError(f'block indices {bad} out of range: this model has blocks '
+                         f'0..{num_layers - 1}')
+    return frozenset(blocks)

@@ -1,0 +1,656 @@
+"""A results workdir -> `<workdir>/report.html` plus matplotlib PNGs in `report_files/`.
+
+Reads only what results.py writes: `<model>/_runs/<run_id>/{summary.csv, config.json,
+timings.json}` and the MOSAIC-layout `sae_/hidden_classifier_results.json` of each
+dataset x layer x width. One section per model (its latest run) and dataset.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime
+import hashlib
+import html
+import io
+import math
+import os
+import re
+import tempfile
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from mosaic_jax import checkpoint
+from mosaic_jax import results
+
+REPORT_NAME = 'report.html'
+FILES_DIR = 'report_files'
+HEADLINE = 'macro_f1'  # the paper's headline metric
+METRICS = ('macro_f1', 'accuracy', 'roc_auc')
+METRIC_NAMES = {'macro_f1': 'macro-F1', 'accuracy': 'accuracy', 'roc_auc': 'AUC'}
+TOP_K = 10  # features listed per class
+MAX_BAR_CLASSES = 6  # classes drawn in the feature bar chart (the table lists all)
+MAX_HEATMAP_PANELS = 12  # beyond this, only the selected layer/width gets a heatmap
+GEMMA_SCOPE_PREFIX = 'google/gemma-scope-'
+NEURONPEDIA = 'https://www.neuronpedia.org/{model}/{layer}-gemmascope-res-{width}/{index}'
+KIND_COLORS = {'sae': 'tab:blue', 'fused': 'tab:cyan', 'hidden': 'tab:orange',
+               'tfidf': 'tab:gray', 'tree': 'tab:green'}
+
+
+# ----------------------------------------------------------------------------------------
+# Reading a workdir
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+    """One finished run of one model: its summary rows, config and timings."""
+    model: str        # folder name under the workdir (results.safe_name of model.name)
+    run_id: str
+    folder: str       # <workdir>/<model>/_runs/<run_id>
+    rows: list[dict]  # typed summary.csv rows (see _parse_row)
+    config: dict      # config.json; {} when absent
+    timings: dict     # timings.json; {} when absent
+
+
+@dataclasses.dataclass
+class DatasetView:
+    """Everything the report shows for one dataset of one run."""
+    name: str
+    rows: list[dict]
+    sae_json: dict[tuple[int, str], dict]  # (layer, width) -> sae_classifier_results.json
+    hidden_json: dict[int, dict]           # layer -> hidden_classifier_results.json
+
+
+def _float(s: str) -> float:
+    try:
+        return float(s)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _int_or_none(s: str) -> int | None:
+    try:
+        return int(s)
+    except (TypeError, ValueError):
+        return None  # '-' (TF-IDF has no layer) or ''
+
+
+def _parse_row(r: dict) -> dict:
+    """A summary.csv row (all strings) -> typed values; '-' / '' become None or NaN."""
+    width = r.get('width') or ''
+    return dict(
+        dataset=r['dataset'], kind=r['kind'],
+        # Tree rows name the variant 'mean/bin', probe rows 'mean+bin' (pipeline.py).
+        variant=(r.get('variant') or '').replace('/bin', '+bin'),
+        layer=_int_or_none(r.get('layer')),
+        width=None if width in ('', '-') else width,
+        pooling=r.get('pooling') or None, binarized=r.get('binarized') == 'True',
+        C=None if math.isnan(_float(r.get('C'))) else _float(r.get('C')),
+        n_train=_int_or_none(r.get('n_train')), n_test=_int_or_none(r.get('n_test')),
+        seconds=_float(r.get('seconds')),
+        **{m: _float(r.get(m)) for m in METRICS})
+
+
+def read_summary(path: str) -> list[dict]:
+    with open(path, newline='') as f:
+        reader = csv.DictReader(f)
+        missing = {'dataset', 'kind'} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f'{path}: not a results.write_summary file (no columns '
+                             f'{sorted(missing)})')
+        return [_parse_row(r) for r in reader]
+
+
+def _read_json_or_empty(path: str) -> dict:
+    return checkpoint.read_json(path) if os.path.exists(path) else {}
+
+
+def load(workdir: str, run_id: str | None = None) -> list[Run]:
+    """The runs a report covers: per model folder, run `run_id` or else its latest.
+
+    "Latest" is the finished run (one with a summary.csv) whose summary.csv was written
+    last; the run id breaks ties, and default run ids are UTC timestamps.
+    """
+    if not os.path.isdir(workdir):
+        raise ValueError(f'report: workdir {workdir!r} does not exist')
+    runs, seen_ids = [], set()
+    for model in sorted(os.listdir(workdir)):
+        runs_dir = os.path.join(workdir, model, '_runs')
+        if not os.path.isdir(runs_dir):
+            continue
+        finished = {}
+        for rid in os.listdir(runs_dir):
+            summary = os.path.join(runs_dir, rid, 'summary.csv')
+            if os.path.isfile(summary):
+                finished[rid] = os.path.getmtime(summary)
+        seen_ids.update(finished)
+        if run_id is not None:
+            chosen = run_id if run_id in finished else None
+        else:
+            chosen = max(finished, key=lambda r: (finished[r], r), default=None)
+        if chosen is None:
+            continue
+        folder = os.path.join(runs_dir, chosen)
+        runs.append(Run(model=model, run_id=chosen, folder=folder,
+                        rows=read_summary(os.path.join(folder, 'summary.csv')),
+                        config=_read_json_or_empty(os.path.join(folder, 'config.json')),
+                        timings=_read_json_or_empty(os.path.join(folder, 'timings.json'))))
+    if not runs:
+        if run_id is not None and seen_ids:
+            raise ValueError(f'report: no run {run_id!r} under {workdir!r}; finished runs: '
+                             f'{sorted(seen_ids)}')
+        raise ValueError(f'report: no finished run under {workdir!r} (expected '
+                         f'<workdir>/<model>/_runs/<run_id>/summary.csv, written at the end '
+                         f'of a classify run)')
+    return runs
+
+
+def dataset_views(workdir: str, run: Run) -> list[DatasetView]:
+    """One view per dataset of `run`, in summary order, with the JSON files that exist."""
+    names = list(dict.fromkeys(r['dataset'] for r in run.rows))
+    views = []
+    for name in names:
+        rows = [r for r in run.rows if r['dataset'] == name]
+        sae_json, hidden_json = {}, {}
+        for layer, width in dict.fromkeys((r['layer'], r['width']) for r in rows
+                                          if r['kind'] == 'sae'):
+            folder = results.run_dir(workdir, run.model, name, layer, width, run.run_id)
+            for fname, store, key in (('sae_classifier_results.json', sae_json, (layer, width)),
+                                      ('hidden_classifier_results.json', hidden_json, layer)):
+                path = os.path.join(folder, fname)
+                if key not in store and os.path.exists(path):
+                    store[key] = checkpoint.read_json(path)
+        views.append(DatasetView(name, rows, sae_json, hidden_json))
+    return views
+
+
+# ----------------------------------------------------------------------------------------
+# What the tables and plots show
+# ----------------------------------------------------------------------------------------
+
+def _val_scores(view: DatasetView) -> dict[tuple, float]:
+    """(kind, layer, width, variant) -> validation macro-F1, from the JSON `variants`."""
+    out = {}
+    for (layer, width), js in view.sae_json.items():
+        for name, v in js.get('variants', {}).items():
+            out['sae', layer, width, name.replace('/bin', '+bin')] = _float(
+                v.get('val', {}).get(HEADLINE))
+    for layer, js in view.hidden_json.items():
+        for pool, v in js.get('variants', {}).items():
+            out['hidden', layer, None, f'hidden_{pool}'] = _float(v.get('val', {}).get(HEADLINE))
+    return out
+
+
+def _key(r: dict) -> tuple:
+    return r['kind'], r['layer'], r['width'], r['variant']
+
+
+def select(rows: list[dict], val: dict[tuple, float]) -> tuple[dict | None, str]:
+    """The best row on validation macro-F1 if every row has one, else on test macro-F1.
+
+    Returns:
+      (row or None when `rows` is empty, 'validation' | 'test').
+    """
+    if not rows:
+        return None, ''
+    if all(not math.isnan(val.get(_key(r), math.nan)) for r in rows):
+        return max(rows, key=lambda r: val[_key(r)]), 'validation'
+    # NaN test scores (a failed metric) must never win the max.
+    return max(rows, key=lambda r: -math.inf if math.isnan(r[HEADLINE]) else r[HEADLINE]), 'test'
+
+
+def best_per_cell(view: DatasetView, kind: str = 'sae') -> dict[tuple[int, str], dict]:
+    """(layer, width) -> the selected `kind` row of that SAE (pipeline's best variant)."""
+    val = _val_scores(view)
+    cells: dict[tuple[int, str], list[dict]] = {}
+    for r in view.rows:
+        if r['kind'] == kind:
+            cells.setdefault((r['layer'], r['width']), []).append(r)
+    return {k: select(v, val)[0] for k, v in cells.items()}
+
+
+def headline(view: DatasetView) -> list[dict]:
+    """The headline table: one entry per method, each its best row over layers/widths.
+
+    Returns:
+      dicts with 'method', 'row' (None when the run has no such result) and 'basis'
+      ('validation' | 'test': what the layer/width/variant was selected on).
+    """
+    val = _val_scores(view)
+    out = []
+
+    def add(method, rows):
+        row, basis = select(rows, val)
+        out.append(dict(method=method, row=row, basis=basis))
+        return row, basis
+
+    sae, sae_basis = add('SAE probe (best variant)', [r for r in view.rows if r['kind'] == 'sae'])
+    fused = [r for r in view.rows if r['kind'] == 'fused']
+    if fused:
+        add('SAE fused probe', fused)
+    for v in ('hidden_last', 'hidden_mean'):
+        add(v, [r for r in view.rows if r['kind'] == 'hidden' and r['variant'] == v])
+    add('TF-IDF', [r for r in view.rows if r['kind'] == 'tfidf'])
+    # The tree is interpretable only next to the probe it explains: same layer/width.
+    trees = [r for r in view.rows if r['kind'] == 'tree']
+    same = [t for t in trees if sae and (t['layer'], t['width']) == (sae['layer'], sae['width'])]
+    if same:
+        out.append(dict(method='decision tree (SAE features)', row=same[0], basis=sae_basis))
+    else:
+        add('decision tree (SAE features)', trees)
+    return out
+
+
+def _layer_sort(values) -> list:
+    return sorted({v for v in values if v is not None})
+
+
+def _width_value(width: str) -> tuple:
+    """'16k' -> 16384 for ordering widths ('1m' after '131k'); unknown names sort last."""
+    m = re.fullmatch(r'(\d+)([kKmM]?)', str(width))
+    if not m:
+        return (1, str(width))
+    return (0, int(m.group(1)) * {'': 1, 'k': 1024, 'm': 1024 ** 2}[m.group(2).lower()])
+
+
+def neuronpedia_model_id(config: dict) -> str | None:
+    """Neuronpedia's model id ('gemma-2-2b') when the SAE is a Gemma Scope SAE, else None."""
+    source = str(config.get('sae', {}).get('source', ''))
+    if not source.startswith(GEMMA_SCOPE_PREFIX):
+        return None
+    path = str(config.get('model', {}).get('path', '')).rstrip('/')
+    model_id = os.path.basename(path).lower()  # 'google/gemma-2-9b-it' -> 'gemma-2-9b-it'
+    if model_id.startswith('gemma-'):
+        return model_id
+    # A local model folder: Gemma Scope's repo name says which model it was trained on.
+    m = re.match(re.escape(GEMMA_SCOPE_PREFIX) + r'(\d+b)-(pt|it)-', source)
+    return f"gemma-2-{m.group(1)}{'-it' if m.group(2) == 'it' else ''}" if m else None
+
+
+def top_features(linear_probe: dict, class_names: list[str], k: int = TOP_K
+                 ) -> dict[str, list[tuple[int, float]]]:
+    """Top-`k` SAE features by probe weight for each class.
+
+    Args:
+      linear_probe: MOSAIC's `models.linearProbe` block; `feature_analysis.
+        importance_scores` is f[C', F] (C' = 1 for a binary probe: positive weights vote
+        for class 1, so class 0's top features are the most negative ones).
+    Returns:
+      class name -> [(feature index, weight toward that class)], largest first.
+    """
+    scores = linear_probe.get('feature_analysis', {}).get('importance_scores')
+    if not scores:
+        return {}
+    w = np.asarray(scores, np.float64)  # [C', F]
+    if w.shape[0] == 1 and len(class_names) == 2:
+        per_class = {class_names[0]: -w[0], class_names[1]: w[0]}
+    elif w.shape[0] == len(class_names):
+        per_class = dict(zip(class_names, w))
+    else:
+        raise ValueError(f'importance_scores has {w.shape[0]} rows for '
+                         f'{len(class_names)} classes')
+    return {c: [(int(i), float(v[i])) for i in np.argsort(-v, kind='stable')[:k]]
+            for c, v in per_class.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot global state)
+# ----------------------------------------------------------------------------------------
+
+def _figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=100, layout='constrained')
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _mpl(s: Any) -> str:
+    return str(s).replace('$', r'\$')  # '$' pairs would start matplotlib mathtext
+
+
+def _probe_kind(view: DatasetView) -> str:
+    """'sae' (cached training: many variants) or, for a fused-only run, 'fused'."""
+    return 'sae' if any(r['kind'] == 'sae' for r in view.rows) else 'fused'
+
+
+def plot_by_layer(view: DatasetView) -> Figure | None:
+    """Test macro-F1 against layer: one line per SAE width, hidden baselines dashed."""
+    cells = best_per_cell(view, _probe_kind(view))
+    if not cells:
+        return None
+    fig = _figure(6.4, 3.8)
+    ax = fig.add_subplot()
+    for width in sorted({w for _, w in cells}, key=_width_value):
+        pts = sorted((l, r[HEADLINE]) for (l, w), r in cells.items() if w == width)
+        ax.plot(*zip(*pts), marker='o', label=_mpl(f'SAE {width}'))
+    for variant, marker in (('hidden_last', 's'), ('hidden_mean', 'D')):
+        pts = sorted((r['layer'], r[HEADLINE]) for r in view.rows
+                     if r['variant'] == variant and r['layer'] is not None)
+        if pts:
+            ax.plot(*zip(*pts), ls='--', marker=marker, label=variant)
+    for r in view.rows:
+        if r['kind'] == 'tfidf' and not math.isnan(r[HEADLINE]):
+            ax.axhline(r[HEADLINE], ls=':', color=KIND_COLORS['tfidf'], label='TF-IDF')
+    ax.set_xticks(_layer_sort(l for l, _ in cells))
+    ax.set(xlabel='layer', ylabel='test macro-F1', title=_mpl(view.name))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small', loc='best')
+    return fig
+
+
+def plot_bars(view: DatasetView) -> Figure | None:
+    """Horizontal bars: best SAE variant per layer/width, hidden baselines per layer, TF-IDF."""
+    bars, kind = [], _probe_kind(view)
+    for (layer, width), r in sorted(best_per_cell(view, kind).items(),
+                                    key=lambda kv: (kv[0][0], _width_value(kv[0][1]))):
+        bars.append((f'SAE L{layer} {width} ({r["variant"]})', r[HEADLINE], kind))
+    for r in sorted((r for r in view.rows if r['kind'] == 'hidden'),
+                    key=lambda r: (r['variant'], r['layer'] or 0)):
+        bars.append((f"{r['variant']} L{r['layer']}", r[HEADLINE], 'hidden'))
+    bars += [('TF-IDF', r[HEADLINE], 'tfidf') for r in view.rows if r['kind'] == 'tfidf']
+    if not bars:
+        return None
+    fig = _figure(6.4, 1.2 + 0.32 * len(bars))
+    ax = fig.add_subplot()
+    y = np.arange(len(bars))[::-1]  # first bar on top
+    vals = np.array([b[1] for b in bars], float)
+    ax.barh(y, np.nan_to_num(vals), color=[KIND_COLORS[b[2]] for b in bars])
+    for yi, v in zip(y, vals):
+        ax.text(np.nan_to_num(v) + 0.01, yi, '-' if math.isnan(v) else f'{v:.3f}', va='center', fontsize=8)
+    ax.set_yticks(y, [_mpl(b[0]) for b in bars], fontsize=8)
+    ax.set(xlim=(0, 1.12), xlabel='test macro-F1', title=_mpl(view.name))
+    ax.grid(axis='x', alpha=0.3)
+    return fig
+
+
+def plot_heatmaps(view: DatasetView, only: tuple[int, str] | None = None) -> Figure | None:
+    """Test macro-F1 of every pooling x binarization, one panel per layer/width."""
+    rows = [r for r in view.rows if r['kind'] == 'sae'
+            and (only is None or (r['layer'], r['width']) == only)]
+    if not rows:
+        return None
+    layers = _layer_sort(r['layer'] for r in rows)
+    widths = sorted({r['width'] for r in rows}, key=_width_value)
+    pools = list(dict.fromkeys(r['pooling'] for r in rows))
+    bins = sorted({r['binarized'] for r in rows})
+    vals = [r[HEADLINE] for r in rows if not math.isnan(r[HEADLINE])]
+    vmin, vmax = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    fig = _figure(1.2 + 2.3 * len(widths) * max(1, len(bins)) / 2,
+                  0.9 + (0.45 * len(pools) + 0.6) * len(layers))
+    axes = fig.subplots(len(layers), len(widths), squeeze=False)
+    image = None
+    for i, layer in enumerate(layers):
+        for j, width in enumerate(widths):
+            ax = axes[i][j]
+            grid = np.full((len(pools), len(bins)), np.nan)
+            for r in rows:
+                if (r['layer'], r['width']) == (layer, width):
+                    grid[pools.index(r['pooling']), bins.index(r['binarized'])] = r[HEADLINE]
+            image = ax.imshow(np.ma.masked_invalid(grid), vmin=vmin, vmax=vmax + 1e-9,
+                              cmap='viridis', aspect='auto')
+            for (a, b), v in np.ndenumerate(grid):
+                if not math.isnan(v):
+                    ax.text(b, a, f'{v:.3f}', ha='center', va='center', fontsize=8,
+                            color='white' if v < (vmin + vmax) / 2 else 'black')
+            ax.set_xticks(range(len(bins)), ['binarized' if b else 'raw' for b in bins],
+                          fontsize=8)
+            ax.set_yticks(range(len(pools)), [_mpl(p) for p in pools], fontsize=8)
+            ax.set_title(_mpl(f'layer {layer}, {width}'), fontsize=9)
+    fig.colorbar(image, ax=axes, label='test macro-F1', shrink=0.8)
+    fig.suptitle(_mpl(view.name), fontsize=10)
+    return fig
+
+
+def plot_top_features(tops: dict[str, list[tuple[int, float]]], title: str) -> Figure | None:
+    classes = list(tops)[:MAX_BAR_CLASSES]
+    if not classes:
+        return None
+    ncols = min(len(classes), 3)
+    nrows = -(-len(classes) // ncols)
+    fig = _figure(3.3 * ncols, 0.6 + 2.9 * nrows)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat[len(classes):]:
+        ax.set_axis_off()
+    for ax, c in zip(axes.flat, classes):
+        feats = tops[c]
+        y = np.arange(len(feats))[::-1]
+        ax.barh(y, [w for _, w in feats], color='tab:blue')
+        ax.set_yticks(y, [f'#{i}' for i, _ in feats], fontsize=8)
+        ax.set_title(_mpl(f'class {c}'), fontsize=9)
+        ax.set_xlabel('probe weight', fontsize=8)
+        ax.tick_params(axis='x', labelsize=7)
+    fig.suptitle(_mpl(title), fontsize=10)
+    return fig
+
+
+def _write_png(fig: Figure, path: str) -> None:
+    """Atomic like checkpoint.atomic_write_text: temp file in the same folder + rename."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format='png')
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix='.png')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------
+
+class _Html(str):
+    """Text that is already HTML (escaped pieces + our tags); `_cell` leaves it alone."""
+
+
+def _cell(x: Any) -> str:
+    return x if isinstance(x, _Html) else html.escape(str(x))
+
+
+def _table(header: list[str], rows: list[list[Any]], cls: str = '') -> str:
+    head = ''.join(f'<th>{_cell(h)}</th>' for h in header)
+    body = ''.join('<tr>' + ''.join(f'<td>{_cell(c)}</td>' for c in r) + '</tr>' for r in rows)
+    return f'<table class="{html.escape(cls)}"><tr>{head}</tr>{body}</table>'
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return '-'
+    return f'{v:.3f}' if isinstance(v, float) else str(v)
+
+
+def _missing(what: str) -> str:
+    return f'<p class="missing">{html.escape(what)}</p>'
+
+
+class _Page:
+    """Collects HTML pieces and writes each figure once under report_files/."""
+
+    def __init__(self, files_dir: str):
+        self.files_dir = files_dir
+        self.parts: list[str] = []
+
+    def add(self, s: str) -> None:
+        self.parts.append(s)
+
+    def figure(self, fig: Figure | None, stem: str, alt: str, missing: str) -> None:
+        if fig is None:
+            self.add(_missing(missing))
+            return
+        name = re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:80]
+        # Two names can slug alike ('a/b', 'a_b'): a hash of the raw stem keeps them apart.
+        name += '-' + hashlib.sha1(stem.encode()).hexdigest()[:8] + '.png'
+        _write_png(fig, os.path.join(self.files_dir, name))
+        src = html.escape(f'{FILES_DIR}/{name}')
+        self.add(f'<figure><img src="{src}" alt="{html.escape(alt)}"></figure>')
+
+
+def _headline_html(view: DatasetView) -> str:
+    rows = []
+    for h in headline(view):
+        r = h['row']
+        if r is None:
+            rows.append([h['method']] + ['-'] * 7 + ['not in this run'])
+            continue
+        C = '-' if r['C'] is None else f"{r['C']:g}"
+        rows.append([h['method'], _fmt(r['layer']), _fmt(r['width']), r['variant'] or '-', C,
+                     *(_fmt(r[m]) for m in METRICS), f"{h['basis']} macro-F1"])
+    return _table(['method', 'layer', 'width', 'variant', 'C',
+                   *(METRIC_NAMES[m] for m in METRICS), 'selected on'], rows, 'headline')
+
+
+def _features_html(page: _Page, run: Run, view: DatasetView, stem: str) -> None:
+    page.add('<h4>Top SAE features per class</h4>')
+    best = headline(view)[0]['row']
+    if best is None:
+        page.add(_missing('No cached-training SAE probe in this run: no feature weights.'))
+        return
+    js = view.sae_json.get((best['layer'], best['width']))
+    if js is None:
+        page.add(_missing('No sae_classifier_results.json for the selected layer/width: '
+                          'no feature weights to show.'))
+        return
+    meta = js.get('metadata', {})
+    lp = js.get('models', {}).get('linearProbe', {})
+    tops = top_features(lp, [str(c) for c in meta.get('class_names', [])])
+    if not tops:
+        page.add(_missing('The probe block has no importance_scores.'))
+        return
+    cfg = meta.get('mosaic_jax', {}).get('config') or run.config
+    model_id = neuronpedia_model_id(cfg)
+    where = f"layer {best['layer']}, width {best['width']}, variant {best['variant']}"
+    page.add(f'<p>Linear-probe weights of {html.escape(where)}. ' + (
+        f'Gemma Scope SAE: feature indices link to Neuronpedia ({html.escape(model_id)}).'
+        if model_id else 'Not a Gemma Scope SAE: no Neuronpedia pages.') + '</p>')
+
+    def link(i: int, w: float) -> _Html:
+        text = html.escape(f'#{i} ({w:+.3g})')
+        if not model_id:
+            return _Html(text)
+        # The SAE's layer is the config layer filled into sae.source, whatever the
+        # layer_convention (pipeline.resolve_sae_source).
+        url = NEURONPEDIA.format(model=model_id, layer=best['layer'], width=best['width'],
+                                 index=i)
+        return _Html(f'<a href="{html.escape(url)}">{text}</a>')
+
+    classes = list(tops)
+    table = [[rank + 1] + [link(*tops[c][rank]) if rank < len(tops[c]) else '' for c in classes]
+             for rank in range(max(len(v) for v in tops.values()))]
+    page.add(_table(['rank'] + [f'class {c}' for c in classes], table, 'features'))
+    if len(classes) > MAX_BAR_CLASSES:
+        page.add(_missing(f'The chart shows the first {MAX_BAR_CLASSES} of {len(classes)} '
+                          f'classes; the table lists all.'))
+    page.figure(plot_top_features(tops, f'{view.name}: {where}'), f'{stem}-features',
+                f'top features {view.name}', 'No features to plot.')
+
+
+def _dataset_html(page: _Page, run: Run, view: DatasetView) -> None:
+    stem = f'{run.model}-{run.run_id}-{view.name}'
+    page.add(f'<h3 id="{html.escape(stem)}">{html.escape(view.name)}</h3>')
+    n = next((r for r in view.rows if r['n_test'] is not None), None)
+    if n:
+        page.add(f"<p>{n['n_train']} training / {n['n_test']} test texts.</p>")
+    page.add(_headline_html(view))
+    missing = [v for v in ('hidden_last', 'hidden_mean', 'tfidf', 'tree')
+               if not any(r['variant'] == v or r['kind'] == v for r in view.rows)]
+    if missing:
+        page.add(_missing(f"Not in this run: {', '.join(missing)}."))
+
+    page.add('<h4>Macro-F1 by layer and width</h4>')
+    layers = _layer_sort(r['layer'] for r in view.rows if r['kind'] in ('sae', 'fused'))
+    if len(layers) == 1:
+        page.add(_missing(f'Only layer {layers[0]} was run: no trend across layers.'))
+    page.figure(plot_by_layer(view), f'{stem}-by_layer', f'macro-F1 by layer {view.name}',
+                'No SAE probe results to plot by layer.')
+    page.add('<h4>SAE vs hidden states vs TF-IDF</h4>')
+    page.figure(plot_bars(view), f'{stem}-bars', f'method comparison {view.name}',
+                'No results to compare.')
+    page.add('<h4>Pooling x binarization</h4>')
+    cells = best_per_cell(view)
+    only = None
+    if len(cells) > MAX_HEATMAP_PANELS:
+        only_row = headline(view)[0]['row']
+        only = (only_row['layer'], only_row['width'])
+        page.add(_missing(f'{len(cells)} layer/width pairs: showing only the selected one '
+                          f'(layer {only[0]}, {only[1]}).'))
+    page.figure(plot_heatmaps(view, only), f'{stem}-heatmap', f'pooling heatmap {view.name}',
+                'No SAE probe variants (cached training) to show.')
+    _features_html(page, run, view, stem)
+    all_rows = [[r['layer'] if r['layer'] is not None else '-', r['width'] or '-', r['kind'],
+                 r['variant'], '-' if r['C'] is None else f"{r['C']:g}",
+                 *(_fmt(r[m]) for m in METRICS), _fmt(r['seconds'])] for r in view.rows]
+    page.add('<details><summary>All results of this dataset</summary>' + _table(
+        ['layer', 'width', 'kind', 'variant', 'C', *(METRIC_NAMES[m] for m in METRICS),
+         'seconds'], all_rows, 'all') + '</details>')
+
+
+def _run_html(page: _Page, workdir: str, run: Run) -> None:
+    page.add(f'<h2>{html.escape(run.model)} <small>run {html.escape(run.run_id)}</small></h2>')
+    cfg = run.config
+    facts = [('model', cfg.get('model', {}).get('path')),
+             ('SAE source', cfg.get('sae', {}).get('source')),
+             ('layers', cfg.get('layers')), ('widths', cfg.get('sae', {}).get('widths')),
+             ('layer convention', cfg.get('model', {}).get('layer_convention')),
+             ('probe training', cfg.get('probe', {}).get('train'))]
+    facts = [(k, v) for k, v in facts if v not in (None, '')]
+    page.add(_table(['setting', 'value'], facts, 'facts') if facts
+             else _missing('No config.json in this run.'))
+    page.add('<h4>Timings (seconds)</h4>')
+    page.add(_table(['step', 'seconds'],
+                    [[k, f'{v:.2f}' if isinstance(v, (int, float)) else v]
+                     for k, v in run.timings.items()], 'timings')
+             if run.timings else _missing('No timings.json in this run.'))
+    views = dataset_views(workdir, run)
+    if not views:
+        page.add(_missing('summary.csv of this run has no rows.'))
+    for view in views:
+        _dataset_html(page, run, view)
+
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+.missing { color: #8a4b00; font-style: italic; }
+figure { margin: 0.5em 0; } img { max-width: 100%; }
+h2 { border-bottom: 2px solid #333; margin-top: 2em; } small { color: #666; font-weight: normal; }
+"""
+
+
+def build(workdir: str, *, run_id: str | None = None) -> str:
+    """Writes `<workdir>/report.html` (+ PNGs in `<workdir>/report_files/`).
+
+    Args:
+      workdir: a results workdir (config.workdir of `pipeline.run`).
+      run_id: report this run of every model that has it; None = each model's latest.
+    Returns:
+      the path of the written report.html.
+    Raises:
+      ValueError: no finished run (or no run `run_id`) under `workdir`.
+    """
+    runs = load(workdir, run_id)
+    files_dir = os.path.join(workdir, FILES_DIR)
+    os.makedirs(files_dir, exist_ok=True)
+    page = _Page(files_dir)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
+    page.add(f'<h1>mosaic_jax report</h1><p>{html.escape(os.path.abspath(workdir))}, '
+             f'generated {now}. Headline metric: test macro-F1; the layer, width and '
+             f'variant of each method are selected on validation macro-F1 when the run '
+             f'recorded it.</p>')
+    page.add('<ul>' + ''.join(f'<li>{html.escape(r.model)} (run {html.escape(r.run_id)}): '
+                              f'{len({x["dataset"] for x in r.rows})} dataset(s)</li>'
+                              for r in runs) + '</ul>')
+    for run in runs:
+        _run_html(page, workdir, run)
+    text = ('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>mosaic_jax report'
+            f'</title><style>{_CSS}</style></head><body>\n' + '\n'.join(page.parts)
+            + '\n</body></html>\n')
+    path = os.path.join(workdir, REPORT_NAME)
+    checkpoint.atomic_write_text(path, text)
+    return path
+

@@ -391,7 +391,7 @@ class FusedTrainer:
         self.devices = devices
         graphdef, state = nnx.split(model)
         self.tx = optax.adam(lr)
-        width = int(sae_params[key.split('/')[0]].w_enc.shape[1])
+        width = int(sae_params['/'.join(key.split('/')[:2])].w_enc.shape[1])
         self.params = probe.init_params(width, num_classes)
         self.opt_state = self.tx.init(self.params)
         fn = make_fused_step(graphdef, spec, key, self.tx, C=C, n_train=n_train,
@@ -447,12 +447,12 @@ def fit_variant(key: str, x: np.ndarray, y: np.ndarray, splits, pcfg, *, metric_
                           max_iter=pcfg.max_iter, seed=seed)
     best, best_score, best_val = 0, -np.inf, None
     for i in range(len(pcfg.Cs)):
-        params = jax.tree.map(lambda a: a[i], grid)
+        params = probe.take(grid, i)
         val = metrics.compute(y[va], np.asarray(probe.predict_proba(params, x[va])),
                               names=metric_names)
         if val[metric_names[0]] > best_score:  # ties keep the smaller C (stronger L2)
             best, best_score, best_val = i, val[metric_names[0]], val
-    params = jax.tree.map(lambda a: a[best], grid)
+    params = probe.take(grid, best)
     proba = np.asarray(probe.predict_proba(params, x[te]))
     test = metrics.compute(y[te], proba, names=metric_names)
     return ProbeResult(key, float(pcfg.Cs[best]), best_val, test, proba,
@@ -544,7 +544,10 @@ def run(config) -> list[dict]:
 
     validate(config)
     if config.mode == 'report':
-        path = report.build(config.workdir)
+        try:
+            path = report.build(config.workdir)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f'report of {config.workdir!r}: {e}') from e
         logging.info('report written to %s', path)
         return []
 
@@ -675,7 +678,9 @@ def _probe_dataset(config, ds, feats, splits, metric_names, run_id, writer, resu
                 tree = baselines.run('decision_tree', feats[best.key][tr], y[tr],
                                      feats[best.key][te], num_classes=C, seed=config.seed)
                 rows.append({**common, 'layer': layer, 'width': width, 'kind': 'tree',
-                             'variant': best.key.split('/', 2)[2], 'C': None,
+                             'variant': best.key.split('/', 2)[2].replace('/bin', '+bin'),
+                             'pooling': best.key.split('/')[2],
+                             'binarized': best.key.endswith('/bin'), 'C': None,
                              **_metrics_from_proba(y[te], tree['proba'], metric_names)})
             if writer:
                 folder = results.run_dir(config.workdir, config.model.name, ds.name, layer,
@@ -698,8 +703,8 @@ def _metrics_from_proba(y, proba, names) -> dict:
 
 
 def _coef(params) -> np.ndarray:
-    """Probe weights mapped back to the raw feature space (undoing standardisation)."""
-    return np.asarray(params.w) / np.asarray(params.scale)[:, None]
+    """Probe weights on the raw feature space (standardisation undone): [F, C']."""
+    return probe.raw_coef(params)[0]
 
 
 def _write_variant_files(folder, config, ds, layer, width, y_test, best, variants, tree,

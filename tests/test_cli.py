@@ -16,9 +16,12 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
 
 
 def parse(argv):
+    argv = ['main.py'] + argv
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file('config', None, 'cfg', flag_values=fv, lock_config=True)
-    fv(['main.py'] + argv)
+    # sys_argv: config_flags finds the --config.x overrides in it (default: sys.argv).
+    config_flags.DEFINE_config_file('config', None, 'cfg', flag_values=fv, lock_config=True,
+                                    sys_argv=argv)
+    fv(argv)
     return fv.config
 
 

@@ -173,7 +173,7 @@ def _main(tiny, workdir, *extra):
 
 
 def test_main_tiny_end_to_end(tiny, tmp_path):
-    r = _main(tiny, tmp_path, '--config.run_id=r1')
+    r = _main(tiny, tmp_path, '--config.run_id=r1', '--config.report=True')
     assert r.returncode == 0, r.stderr[-4000:]
     assert 'macroF1' in r.stdout  # the summary table
     files = glob.glob(f'{tmp_path}/tiny/95_toxic_is/layer_*/{WIDTH}/r1/*_classifier_results.json')
@@ -194,6 +194,8 @@ def test_main_tiny_end_to_end(tiny, tmp_path):
     # TF-IDF on real toxic-comment texts is far above chance.
     tfidf = [float(r['macro_f1']) for r in rows if r['kind'] == 'tfidf']
     assert tfidf[0] > 0.6
+    html = open(tmp_path / 'report.html').read()
+    assert '95_toxic_is' in html and '<img' in html
 
 
 def _free_port() -> int:

@@ -36,6 +36,9 @@ def get_config(arg=None):
     # hidden_states[L + 1]). 'hf_hidden_states': layer L = hidden_states[L], one block
     # earlier, which is what MOSAIC's extraction reads; use it to reproduce MOSAIC.
     c.model.layer_convention = 'gemma_scope'
+    # float32 matmul precision on GPU/TPU ('highest' = true float32, matching the torch
+    # reference; 'default' lets XLA use TF32/bf16 passes: faster, ~1e-3 relative drift).
+    c.model.matmul_precision = 'highest'
     # Texts longer than this many tokens are truncated (the count is reported).
     c.model.max_length = 256
     # Texts per forward batch (global, split over devices; must divide by the device count).
@@ -55,8 +58,8 @@ def get_config(arg=None):
     c.sae.widths = ('16k',)
     # 'layer:width' pairs of the layers x widths grid that have no SAE and are skipped.
     c.sae.exclude = ()
-    # Encode in chunks of this many latents (0 = whole width at once); bounds peak memory
-    # for 65k-1M wide SAEs.
+    # Encode and pool in blocks of this many latents (0 = whole width at once): the
+    # [B, L, F] codes never exist, which bounds peak memory for 65k-1M wide SAEs.
     c.sae.chunk_size = 0
 
     c.features = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ def get_config(arg=None):
     c.sae.widths = ('16k', '65k')
     c.sae.chunk_size = 16384  # a 65k encode of a 16x256 batch would be 4 GiB unchunked
     c.data.datasets = ('election_questions', 'reject_prompts', 'jailbreak_classification')
+    c.cv_folds = 5  # MOSAIC's dashboards report 5-fold CV of the chosen probe
     if arg.smoke:
         c.layers = (12,)
         c.sae.widths = ('16k',)

@@ -16,6 +16,7 @@ def get_config(arg=None):
     c.sae.source = 'google/gemma-scope-9b-pt-res/layer_{layer}/width_{width}/canonical'
     c.sae.widths = ('16k',)
     c.data.datasets = ('election_questions', 'reject_prompts', 'jailbreak_classification')
+    c.cv_folds = 5  # MOSAIC's dashboards report 5-fold CV of the chosen probe
     if arg.smoke:
         c.layers = (20,)
         c.data.max_rows = 200

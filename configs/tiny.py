@@ -21,5 +21,6 @@ def get_config(arg=None):
     c.probe.Cs = (0.1, 1.0)
     c.probe.max_iter = 100
     c.probe.fused_epochs = 2
+    c.cv_folds = 2  # exercises MOSAIC's cross_validation block cheaply
     c.report = False
     return c

@@ -53,6 +53,9 @@ def validate(config) -> None:
     if config.model.dtype not in ('float32', 'bfloat16'):
         problems.append(f'model.dtype={config.model.dtype!r}: use float32 or bfloat16 '
                         '(float16 overflows on Gemma residual streams)')
+    if config.model.matmul_precision not in ('default', 'high', 'highest'):
+        problems.append(f'model.matmul_precision={config.model.matmul_precision!r} '
+                        "(valid: 'default', 'high', 'highest')")
     if config.model.layer_convention not in ('gemma_scope', 'hf_hidden_states'):
         problems.append(f'model.layer_convention={config.model.layer_convention!r} '
                         "(valid: 'gemma_scope', 'hf_hidden_states')")
@@ -228,9 +231,16 @@ def compute_features(model, sae_params: dict, input_ids, attention_mask, feature
     resid = model.residuals(input_ids, attention_mask, spec.layers)  # [n, B, L, D]
     out = {}
     for key, li in spec.saes:
-        acts = sae_lib.encode(sae_params[key], resid[li], chunk_size=spec.chunk_size or None)
+        if not spec.chunk_size:
+            acts = sae_lib.encode(sae_params[key], resid[li])              # [B, L, F]
         for pool in spec.pooling:
-            pooled = features.pool(acts, feature_mask, pool, top_n=spec.top_n)  # [B, F]
+            if spec.chunk_size:
+                # Wide SAEs: encode and pool block by block over the width, so [B, L, F]
+                # never exists (one re-encode per pooling; memory over speed).
+                pooled = sae_lib.encode_pooled(sae_params[key], resid[li], feature_mask, pool,
+                                               top_n=spec.top_n, chunk_size=spec.chunk_size)
+            else:
+                pooled = features.pool(acts, feature_mask, pool, top_n=spec.top_n)  # [B, F]
             for b in spec.binarize:
                 if b:
                     bits = features.binarize(pooled, spec.threshold)
@@ -552,6 +562,8 @@ def run(config) -> list[dict]:
         return []
 
     init_distributed(config.parallel)
+    if config.model.matmul_precision != 'default':
+        jax.config.update('jax_default_matmul_precision', config.model.matmul_precision)
     devices = Devices(config.parallel.mode)
     if config.model.batch_size % devices.count:
         raise UserError(f'model.batch_size={config.model.batch_size} must be divisible by '
@@ -613,8 +625,11 @@ def run(config) -> list[dict]:
         logging.info('%s: extracted %d texts (%d tokens) in %.1fs', ds_name, len(ids),
                      n_tokens, timings[f'{ds_name}/extract'])
         t = time.perf_counter()
+        extra_meta = dict(n_texts=len(ids), n_tokens=n_tokens, n_truncated=n_trunc,
+                          split_sizes=[len(s) for s in splits],
+                          extract_seconds=timings[f'{ds_name}/extract'])
         rows += _probe_dataset(config, ds, feats, splits, metric_names, run_id, writer,
-                               results, baselines)
+                               results, baselines, extra_meta)
         timings[f'{ds_name}/probes'] = time.perf_counter() - t
 
     timings['total'] = time.perf_counter() - t0
@@ -634,7 +649,7 @@ def run(config) -> list[dict]:
 
 
 def _probe_dataset(config, ds, feats, splits, metric_names, run_id, writer, results,
-                   baselines) -> list[dict]:
+                   baselines, extra_meta: dict) -> list[dict]:
     """Cached training: every variant x C grid, hidden baselines, TF-IDF, decision tree."""
     tr, va, te = splits
     y = ds.labels
@@ -682,11 +697,21 @@ def _probe_dataset(config, ds, feats, splits, metric_names, run_id, writer, resu
                              'pooling': best.key.split('/')[2],
                              'binarized': best.key.endswith('/bin'), 'C': None,
                              **_metrics_from_proba(y[te], tree['proba'], metric_names)})
+            cv = {}
+            if config.cv_folds:
+                cv['sae'] = cross_validate_variant(best, feats[best.key], y, splits,
+                                                   config.probe, k=config.cv_folds,
+                                                   num_classes=C, seed=config.seed)
+                if hidden_res:
+                    main = hidden_res.get('last') or next(iter(hidden_res.values()))
+                    cv['hidden'] = cross_validate_variant(main, feats[main.key], y, splits,
+                                                          config.probe, k=config.cv_folds,
+                                                          num_classes=C, seed=config.seed)
             if writer:
                 folder = results.run_dir(config.workdir, config.model.name, ds.name, layer,
                                          width, run_id)
                 _write_variant_files(folder, config, ds, layer, width, y[te], best, variants,
-                                     tree, hidden_res, results)
+                                     tree, hidden_res, results, cv, extra_meta)
     if 'tfidf' in config.baselines:
         t = time.perf_counter()
         out = baselines.run('tfidf', [ds.texts[i] for i in tr], y[tr],
@@ -695,6 +720,27 @@ def _probe_dataset(config, ds, feats, splits, metric_names, run_id, writer, resu
                      'C': None, 'seconds': time.perf_counter() - t,
                      **_metrics_from_proba(y[te], out['proba'], metric_names)})
     return rows
+
+
+def cross_validate_variant(res: 'ProbeResult', x: np.ndarray, y: np.ndarray, splits, pcfg, *,
+                           k: int, num_classes: int, seed: int) -> dict:
+    """MOSAIC's `performance.cross_validation`: stratified K-fold accuracy of the chosen C
+    on train + validation rows (test rows are never touched)."""
+    from mosaic_jax import metrics
+
+    rows = np.concatenate([splits[0], splits[1]])
+
+    def fit_fn(x_tr, y_tr):
+        p = probe.fit(np.asarray(x_tr, np.float32), y_tr, num_classes=num_classes, C=res.C,
+                      class_weight=pcfg.class_weight or None, standardize=pcfg.standardize,
+                      solver=pcfg.solver, max_iter=pcfg.max_iter, seed=seed)
+        return lambda x_te: probe.predict_proba(p, np.asarray(x_te, np.float32))
+
+    cv = metrics.cross_validate(fit_fn, x[rows], y[rows], k=k, seed=seed)
+    out = dict(mean_accuracy=cv['accuracy']['mean'], std_accuracy=cv['accuracy']['std'],
+               fold_scores=cv['accuracy']['folds'])
+    out.update({f'{n}_mean': v['mean'] for n, v in cv.items()})
+    return out
 
 
 def _metrics_from_proba(y, proba, names) -> dict:
@@ -708,16 +754,18 @@ def _coef(params) -> np.ndarray:
 
 
 def _write_variant_files(folder, config, ds, layer, width, y_test, best, variants, tree,
-                         hidden_res, results):
+                         hidden_res, results, cv, extra_meta):
     names = ds.label_names
     extra = dict(best_variant=best.key, C=best.C, pooling=best.key.split('/')[2],
+                 binarized=best.key.endswith('/bin'),
                  binarize_threshold=config.features.threshold, top_n=config.features.top_n,
-                 seconds=best.seconds)
+                 probe_seconds=best.seconds, **extra_meta)
     sae_json = dict(
         metadata=results.metadata(config, dataset=ds.name, layer=layer, width=width,
                                   hidden=False, class_names=names, extra=extra),
         models=dict(linearProbe=results.linear_probe_block(y_test, best.test_proba, names,
-                                                           _coef(best.params))),
+                                                           _coef(best.params),
+                                                           cv=cv.get('sae'))),
         variants={k.split('/', 2)[2]: dict(C=v.C, val=v.val, test=v.test, seconds=v.seconds)
                   for k, v in variants.items()})
     if tree is not None:
@@ -729,9 +777,11 @@ def _write_variant_files(folder, config, ds, layer, width, y_test, best, variant
         hidden_json = dict(
             metadata=results.metadata(config, dataset=ds.name, layer=layer, width=width,
                                       hidden=True, class_names=names,
-                                      extra=dict(C=main.C, pooling=main.key.split('/')[2])),
+                                      extra=dict(C=main.C, pooling=main.key.split('/')[2],
+                                                 **extra_meta)),
             models=dict(linearProbe=results.linear_probe_block(y_test, main.test_proba, names,
-                                                               _coef(main.params))),
+                                                               _coef(main.params),
+                                                               cv=cv.get('hidden'))),
             variants={k: dict(C=v.C, val=v.val, test=v.test) for k, v in hidden_res.items()})
         results.write_json(folder, 'hidden_classifier_results.json', hidden_json)
 

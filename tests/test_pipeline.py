@@ -109,6 +109,16 @@ def test_streaming_batch_size_does_not_change_features(loaded):
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, rtol=1e-5, err_msg=k)
 
 
+def test_width_chunked_extraction_equals_full(loaded):
+    import dataclasses
+    full = _extract(loaded, 'single')
+    chunked = dict(loaded, spec=dataclasses.replace(loaded['spec'], chunk_size=WIDTH // 4))
+    got = _extract(chunked, 'single')
+    for k in full:
+        # Same per-latent math; only the matmul is split over width blocks.
+        np.testing.assert_allclose(got[k], full[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
 def _fused_setup(loaded, mode):
     ds_labels = np.asarray(data.load('sae_probes:95_toxic_is', max_rows=N_ROWS, seed=0).labels)
     key = f'layer_2/{WIDTH}/mean'
@@ -186,6 +196,8 @@ def test_main_tiny_end_to_end(tiny, tmp_path):
         macro = res['models']['linearProbe']['aggregated_metrics']['macro avg']['f1_score']
         assert 0.0 <= macro <= 1.0
         assert res['metadata']['mosaic_jax']['config']['model']['path'] == tiny['model_dir']
+        cv = perf['cross_validation']  # tiny.py sets cv_folds=2
+        assert len(cv['fold_scores']) == 2 and 0.0 <= cv['mean_accuracy'] <= 1.0
     rows = list(csv.DictReader(open(f'{tmp_path}/tiny/_runs/r1/summary.csv')))
     kinds = {r['kind'] for r in rows}
     assert {'sae', 'hidden', 'tfidf', 'tree'} <= kinds

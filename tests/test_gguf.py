@@ -1,5 +1,10 @@
-"""read_gguf on tiny GGUF files written here with gguf.GGUFWriter (no real model needed)."""
+"""read_gguf and load_gguf_tokenizer on tiny GGUF files written here with gguf.GGUFWriter."""
+import json
+import os
 import pathlib
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
@@ -238,10 +243,10 @@ def _tiny_gemma_tokens():
     return [t for t, _ in tokens], [k for _, k in tokens]
 
 
-def _vocab(add_bos=None, bos=2, tokens=None):
+def _vocab(add_bos=None, bos=2, unk=3):
     """A `_write(vocab=...)` writer for the tiny Gemma vocabulary."""
     def write(w):
-        toks, types = _tiny_gemma_tokens() if tokens is None else tokens
+        toks, types = _tiny_gemma_tokens()
         w.add_tokenizer_model('llama')
         w.add_tokenizer_pre('default')
         w.add_token_list(toks)
@@ -249,7 +254,7 @@ def _vocab(add_bos=None, bos=2, tokens=None):
         w.add_token_types(types)
         w.add_bos_token_id(bos)
         w.add_eos_token_id(1)
-        w.add_unk_token_id(3)
+        w.add_unk_token_id(unk)
         w.add_pad_token_id(0)
         w.add_add_space_prefix(False)
         if add_bos is not None:  # absent: llama.cpp's default for sentencepiece (add BOS)
@@ -257,12 +262,23 @@ def _vocab(add_bos=None, bos=2, tokens=None):
     return write
 
 
+def _backend_json(tokenizer):
+    """The whole backend (vocab, merges, added tokens, normalizer, post-processor) as a dict.
+
+    Less `padding` / `truncation`: transformers sets those on the backend per call (they are the
+    last call's `padding=` arguments), not part of the tokenizer.
+    """
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    return {k: v for k, v in backend.items() if k not in ('padding', 'truncation')}
+
+
 def _assert_same_tokenizer(ours, ref, texts):
     assert type(ours) is type(ref)
-    # The whole backend (vocab, merges, added tokens, normalizer, post-processor) as JSON.
-    assert ours.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()
+    assert _backend_json(ours) == _backend_json(ref)
+    # Not add_bos_token: save_pretrained drops that flag (transformers 5), so a reloaded copy
+    # reports False while its post-processor, compared above, still adds BOS.
     for attr in ('bos_token_id', 'eos_token_id', 'unk_token_id', 'pad_token_id', 'padding_side',
-                 'add_bos_token', 'add_eos_token', 'all_special_tokens'):
+                 'all_special_tokens'):
         assert getattr(ours, attr) == getattr(ref, attr), attr
     for text in texts:
         assert ours(text)['input_ids'] == ref(text)['input_ids'], repr(text)
@@ -274,16 +290,22 @@ def _assert_same_tokenizer(ours, ref, texts):
         np.testing.assert_array_equal(got['attention_mask'], want['attention_mask'], err_msg=side)
 
 
-@pytest.mark.parametrize('arch, add_bos', [('gemma3', None), ('gemma2', False)])
-def test_tokenizer_matches_transformers_gguf_loading(tmp_path, arch, add_bos):
+# The second case names other tokens BOS / UNK (ids 6, 7): the special tokens must come from the
+# file, not from GemmaTokenizer's defaults, which equal Gemma's real ones.
+@pytest.mark.parametrize('arch, add_bos, bos, unk',
+                         [('gemma3', None, 2, 3), ('gemma2', False, 6, 7)])
+def test_tokenizer_matches_transformers_gguf_loading(tmp_path, arch, add_bos, bos, unk):
     """Same tokenizer as AutoTokenizer's GGUF path (the reference, which needs torch)."""
     pytest.importorskip('torch')  # only the reference needs it
     transformers = pytest.importorskip('transformers')
     path = tmp_path / 'tiny.gguf'
-    _write(path, arch=arch, vocab=_vocab(add_bos=add_bos))
+    _write(path, arch=arch, vocab=_vocab(add_bos=add_bos, bos=bos, unk=unk))
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    # Saved before any call: a call's padding arguments stay on the backend and would be saved.
+    ref.save_pretrained(tmp_path / 'ref')
     ours = mgguf.load_gguf_tokenizer(path, cache_dir=tmp_path / 'cache')
-    assert ours.add_bos_token is (add_bos is None)  # the flag, or llama.cpp's default
+    assert ours.add_bos_token is ref.add_bos_token is (add_bos is None)  # flag, else default
+    assert ours.add_eos_token is ref.add_eos_token is False
     assert ours.padding_side == 'left'  # GemmaTokenizer's; the tests below flip it
     # Sanity of the tiny vocabulary itself: whole words, a respelled space run, bytes for '😀'.
     want = ['hello', '▁▁', 'world', '▁', '<0xF0>', '<0x9F>', '<0x98>', '<0x80>']
@@ -293,18 +315,17 @@ def test_tokenizer_matches_transformers_gguf_loading(tmp_path, arch, add_bos):
 
     cached = mgguf.load_gguf_tokenizer(path, cache_dir=tmp_path / 'cache')
     assert (tmp_path / 'cache' / 'tiny' / 'mosaic_source.json').exists()
-    ref.padding_side = 'left'
-    _assert_same_tokenizer(cached, ref, _TEXTS)
+    # The cached copy against the reference put through the same save / reload: reloading
+    # rewrites some backend fields (the BPE model's unk_token becomes the named unk token).
+    _assert_same_tokenizer(cached, transformers.AutoTokenizer.from_pretrained(tmp_path / 'ref'),
+                           _TEXTS)
+    assert [cached(t)['input_ids'] for t in _TEXTS] == [ref(t)['input_ids'] for t in _TEXTS]
 
 
 def test_tokenizer_builds_without_torch(tmp_path):
     """A fresh machine without torch: build from the file into an empty cache, in a subprocess
     where `import torch` fails, and tokenize like the cached copy does here."""
-    import json
-    import os
-    import subprocess
-    import sys
-
+    pytest.importorskip('transformers')
     import mosaic_jax
     path = tmp_path / 'tiny.gguf'
     _write(path, vocab=_vocab())
@@ -325,6 +346,21 @@ def test_tokenizer_builds_without_torch(tmp_path):
     assert cached.convert_ids_to_tokens(built_ids[0]) == ['<bos>', 'hello', '▁world']
 
 
+def test_tokenizer_falls_back_to_autotokenizer(tmp_path, monkeypatch, caplog):
+    """A transformers without the torch-free converter module: AutoTokenizer builds it."""
+    pytest.importorskip('torch')  # the fallback is transformers' own, torch-importing route
+    pytest.importorskip('transformers')
+    path = tmp_path / 'tiny.gguf'
+    _write(path, vocab=_vocab())
+    built = mgguf.load_gguf_tokenizer(path, cache_dir=tmp_path / 'ours')
+    monkeypatch.setattr(mgguf, '_converter', lambda: None)
+    with caplog.at_level('WARNING'):
+        fallback = mgguf.load_gguf_tokenizer(path, cache_dir=tmp_path / 'fallback')
+    assert 'building the GGUF tokenizer with AutoTokenizer' in caplog.text
+    assert (tmp_path / 'fallback' / 'tiny' / 'mosaic_source.json').exists()
+    _assert_same_tokenizer(built, fallback, _TEXTS)
+
+
 def test_tokenizer_errors_are_named(tmp_path):
     path = tmp_path / 'llama.gguf'
     _write(path, arch='llama', vocab=_vocab())
@@ -333,7 +369,8 @@ def test_tokenizer_errors_are_named(tmp_path):
 
     path = tmp_path / 'bad_bos.gguf'
     _write(path, vocab=_vocab(bos=10_000))
-    with pytest.raises(ValueError, match='bos_token_id = 10000 is outside the 3..-token'):
+    size = len(_tiny_gemma_tokens()[0])
+    with pytest.raises(ValueError, match=f'bos_token_id = 10000 is outside the {size}-token'):
         mgguf.load_gguf_tokenizer(path, cache_dir=tmp_path)
 
     path = tmp_path / 'no_vocab.gguf'

@@ -4,7 +4,11 @@ Slow (minutes on 2 cores): run with `pytest -m slow tests/test_real_gemma3.py`.
 Needs the `real` and `test` extras plus `sae-probes` (for real sentences).
 """
 import importlib.util
+import json
+import os
 import pathlib
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -39,21 +43,18 @@ def reference(gguf_path):
 @pytest.fixture(scope='module')
 def reference_tokenizer(gguf_path):
     transformers = pytest.importorskip('transformers')
-    return transformers.AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    pytest.importorskip('torch')  # transformers' GGUF reader imports it
+    start = time.perf_counter()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent,
+                                                           gguf_file=gguf_path.name)
+    print(f'reference tokenizer build (with torch): {time.perf_counter() - start:.1f}s')
+    return tokenizer
 
 
 @pytest.fixture(scope='module')
 def sentences() -> list[str]:
-    pd = pytest.importorskip('pandas')
-    # Located, not imported: `import sae_probes` pulls transformer_lens (installed --no-deps).
-    spec = importlib.util.find_spec('sae_probes')
-    if spec is None:
-        pytest.skip('sae-probes is not installed')
-    csv = (pathlib.Path(spec.submodule_search_locations[0]) / 'data' / 'cleaned_data'
-           / '95_toxic_is.csv.zst')
-    prompts = pd.read_csv(csv, compression='zstd')['prompt'].astype(str).tolist()
     # Mixed lengths, so the batch has real left padding.
-    return prompts[:NUM_SENTENCES]
+    return _sae_probes_prompts('95_toxic_is')[:NUM_SENTENCES]
 
 
 def test_tensors_and_config_match_transformers(gguf_path, reference):
@@ -90,15 +91,137 @@ def _our_tokenizer(gguf_path):
     return loading.load_tokenizer(str(gguf_path))
 
 
-def test_tokenizer_ids_match(gguf_path, reference_tokenizer, sentences, tmp_path):
-    # A fresh cache: the first call builds from the GGUF and saves, the second loads the copy.
-    built = mgguf.load_gguf_tokenizer(gguf_path, cache_dir=tmp_path)
-    cached = mgguf.load_gguf_tokenizer(gguf_path, cache_dir=tmp_path)
-    assert (tmp_path / gguf_path.stem / 'mosaic_source.json').exists()
+def _sae_probes_prompts(name: str) -> list[str]:
+    """The `prompt` column of one sae-probes dataset."""
+    pd = pytest.importorskip('pandas')
+    # Located, not imported: `import sae_probes` pulls transformer_lens (installed --no-deps).
+    spec = importlib.util.find_spec('sae_probes')
+    if spec is None:
+        pytest.skip('sae-probes is not installed')
+    csv = (pathlib.Path(spec.submodule_search_locations[0]) / 'data' / 'cleaned_data'
+           / f'{name}.csv.zst')
+    return pd.read_csv(csv, compression='zstd')['prompt'].astype(str).tolist()
+
+
+def _non_ascii_first(texts: list[str], n: int) -> list[str]:
+    """n texts, those with non-ASCII characters (accents, CJK, emoji) first."""
+    return sorted(texts, key=lambda t: t.isascii())[:n]
+
+
+# Hand-written edge cases: whitespace and newline runs longer than any Gemma token, emoji and
+# ZWJ sequences (byte fallback), scripts without spaces, special-token text, control chars.
+_EDGE_TEXTS = [
+    '', ' ', '  ', ' ' * 40, '\n', '\n' * 40, '\t\t\tx', '\r\n\r\nline', 'a  b   c    d',
+    'trailing spaces   ', '   leading spaces', '😀', '👩‍👩‍👧‍👦 family', '🇮🇸🇯🇵 flags',
+    'e\u0301 combining', '\u00a0nbsp\u00a0', '\ufeffbom', '中文分词测试，标点。', 'العربية من اليمين',
+    'Ελληνικά ΚΕΦΑΛΑΙΑ', 'Þetta er íslenska: ð, æ, ö', '<bos>literal <eos> <pad> <unk>',
+    '<start_of_turn>user\nhi<end_of_turn>\n', '<unused0>[multimodal]', '\x00\x01 control',
+    'def f(x):\n\treturn x  # comment\n', 'ＦＵＬＬ width', '💩' * 10, 'line\u2028sep\u2029para',
+]
+
+
+@pytest.fixture(scope='module')
+def varied_texts() -> list[str]:
+    """~600 real texts: English toxic prompts and tweets, HTML / Python (long, emoji, indents),
+    non-English Wikipedia text and names, plus the edge cases above."""
+    texts = (_sae_probes_prompts('95_toxic_is')[:150]
+             + _sae_probes_prompts('102_twt_emotion')[::33][:150]
+             + _non_ascii_first(_sae_probes_prompts('160_code_HTML'), 100)
+             + _non_ascii_first(_sae_probes_prompts('159_code_Python'), 50)
+             + _non_ascii_first(_sae_probes_prompts('58_wikidatapolitical_party'), 80)
+             + _non_ascii_first(_sae_probes_prompts('2_hist_fig_birthyear'), 40)
+             + _EDGE_TEXTS)
+    assert len(texts) >= 500
+    return texts
+
+
+_TORCH_FREE_SCRIPT = """
+import json, sys, time
+sys.modules['torch'] = None  # a machine without torch: any `import torch` raises ImportError
+from mosaic_jax.models import gguf
+gguf_path, cache_dir, texts_file, out_file = sys.argv[1:]
+start = time.perf_counter()
+tok = gguf.load_gguf_tokenizer(gguf_path, cache_dir=cache_dir)
+build_s = time.perf_counter() - start
+texts = json.load(open(texts_file, encoding='utf-8'))
+ids = [tok(t)['input_ids'] for t in texts]
+json.dump({'build_s': build_s, 'ids': ids, 'padding_side': tok.padding_side}, open(out_file, 'w'))
+"""
+
+
+@pytest.fixture(scope='module')
+def torch_free_build(gguf_path, varied_texts, tmp_path_factory):
+    """The fresh-machine case: a subprocess without torch builds the tokenizer into an empty
+    cache and tokenizes `varied_texts` with what it built. Returns (cache_dir, result dict)."""
+    import mosaic_jax
+    work = tmp_path_factory.mktemp('torch_free')
+    (work / 'texts.json').write_text(json.dumps(varied_texts), encoding='utf-8')
+    root = str(pathlib.Path(mosaic_jax.__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get('PYTHONPATH', '')]))
+    run = subprocess.run(
+        [sys.executable, '-c', _TORCH_FREE_SCRIPT, str(gguf_path), str(work / 'cache'),
+         str(work / 'texts.json'), str(work / 'out.json')],
+        capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((work / 'out.json').read_text())
+    print(f'torch-free tokenizer build (empty cache): {result["build_s"]:.1f}s')
+    return work / 'cache', result
+
+
+def _backend_json(tokenizer) -> dict:
+    """The backend tokenizer's definition, less the per-call padding / truncation state."""
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    return {k: v for k, v in backend.items() if k not in ('padding', 'truncation')}
+
+
+def test_torch_free_tokenizer_matches_transformers(gguf_path, reference_tokenizer,
+                                                   torch_free_build, varied_texts):
+    """Built without torch, the tokenizer equals AutoTokenizer's GGUF one on ~600 texts."""
+    cache_dir, built = torch_free_build
+    ref = reference_tokenizer
+    want = [ref(t)['input_ids'] for t in varied_texts]
+    bad = [i for i, (g, w) in enumerate(zip(built['ids'], want)) if g != w]
+    print(f'{len(varied_texts)} texts, {sum(map(len, want))} tokens, '
+          f'{len(bad)} mismatches (freshly built, no torch)')
+    assert not bad, [varied_texts[i][:80] for i in bad[:5]]
+    assert built['padding_side'] == 'left'
+
+    start = time.perf_counter()
+    cached = mgguf.load_gguf_tokenizer(gguf_path, cache_dir=cache_dir)
+    print(f'cached load: {time.perf_counter() - start:.1f}s')
+    assert (cache_dir / gguf_path.stem / 'mosaic_source.json').exists()
+    assert type(cached) is type(ref)
+    assert _backend_json(cached) == _backend_json(ref)  # vocab, merges, added tokens, pipeline
+    for attr in ('bos_token_id', 'eos_token_id', 'pad_token_id', 'unk_token_id',
+                 'padding_side', 'all_special_tokens'):
+        assert getattr(cached, attr) == getattr(ref, attr), attr
+    assert (cached.bos_token_id, cached.eos_token_id, cached.pad_token_id) == (2, 1, 0)
+    assert [cached(t)['input_ids'] for t in varied_texts] == want
+    # Decoding goes through the same decoder (byte fallback, '▁' -> ' ').
+    assert cached.batch_decode(want) == ref.batch_decode(want)
+
+    side = ref.padding_side
+    try:
+        for padding_side in ('left', 'right'):
+            ref.padding_side = cached.padding_side = padding_side
+            for i in range(0, len(varied_texts), 64):  # mixed lengths: real padding per batch
+                chunk = varied_texts[i:i + 64]
+                kwargs = dict(padding=True, truncation=True, max_length=256, return_tensors='np')
+                got, exp = cached(chunk, **kwargs), ref(chunk, **kwargs)
+                assert (exp['attention_mask'] == 0).any()
+                np.testing.assert_array_equal(got['input_ids'], exp['input_ids'])
+                np.testing.assert_array_equal(got['attention_mask'], exp['attention_mask'])
+    finally:
+        ref.padding_side = side
+
+
+def test_tokenizer_ids_match(gguf_path, reference_tokenizer, sentences, torch_free_build):
+    # The torch-free build's cached copy, and whatever loading.load_tokenizer uses.
+    cached = mgguf.load_gguf_tokenizer(gguf_path, cache_dir=torch_free_build[0])
     ours = _our_tokenizer(gguf_path)
     kwargs = dict(padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors='np')
     want = reference_tokenizer(sentences, **kwargs)
-    for tok in (built, cached, ours):
+    for tok in (cached, ours):
         assert tok.padding_side == reference_tokenizer.padding_side
         got = tok(sentences, **kwargs)
         np.testing.assert_array_equal(got['input_ids'], want['input_ids'])

@@ -263,19 +263,21 @@ def _tokenizer_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
             if name.startswith('tokenizer.')}
 
 
-def _tokenizer_inputs(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def _tokenizer_inputs(meta: dict[str, Any], key_table: dict[str, dict[str, str]]
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tokenizer_dict, init kwargs) as transformers' GGUF tokenizer loading builds them.
 
-    `tokenizer_dict` (tokens, scores, token_type, special ids, ...) feeds
-    `convert_gguf_tokenizer`; the init kwargs (add_bos_token and the special tokens as strings)
-    go to the tokenizer class, exactly what `from_pretrained(dir, gguf_file=name)` passes.
+    Args:
+      meta: metadata by GGUF key, with the `tokenizer.*` arrays in full.
+      key_table: transformers' GGUF_TOKENIZER_MAPPING, {group: {key after 'tokenizer.': name}}.
+    Returns:
+      `tokenizer_dict` (tokens, scores, token_type, special ids, ...) for
+      `convert_gguf_tokenizer`, and the init kwargs (add_bos_token, the special tokens as
+      strings) for the tokenizer class: what `from_pretrained(dir, gguf_file=name)` passes.
     """
-    # Only the key table: this module imports no torch (transformers' GGUF reader does).
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
-
     groups = {group: {ours: meta[f'tokenizer.{theirs}'] for theirs, ours in renames.items()
                       if f'tokenizer.{theirs}' in meta}
-              for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+              for group, renames in key_table.items()}
     tokenizer_dict, kwargs = groups['tokenizer'], groups['tokenizer_config']
     tokens = tokenizer_dict.get('tokens')
     if not isinstance(tokens, list) or not tokens:
@@ -293,6 +295,16 @@ def _tokenizer_inputs(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return tokenizer_dict, kwargs
 
 
+def _converter():
+    """(GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer) from transformers, or None where that
+    module is missing (it is in 5.23). Neither imports torch; transformers' GGUF reader does."""
+    try:
+        from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+    except ImportError:
+        return None
+    return mapping.GGUF_TOKENIZER_MAPPING, mapping.convert_gguf_tokenizer
+
+
 def _build_tokenizer(path: pathlib.Path):
     """A transformers fast tokenizer from the file's `tokenizer.ggml.*` metadata, without torch.
 
@@ -302,7 +314,12 @@ def _build_tokenizer(path: pathlib.Path):
     (the class sets padding_side; 'left' for Gemma).
     """
     import transformers
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    if (converter := _converter()) is None:  # other transformers versions: their own route
+        logging.warning('transformers %s has no integrations.gguf.gguf_tokenizer_mapping; '
+                        'building the GGUF tokenizer with AutoTokenizer, which needs torch.',
+                        transformers.__version__)
+        return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    key_table, convert = converter
 
     start = time.perf_counter()
     reader = gguf.GGUFReader(path)
@@ -311,9 +328,9 @@ def _build_tokenizer(path: pathlib.Path):
     if arch not in _TOKENIZER_CLASSES:
         raise ValueError(f'GGUF architecture {arch!r} in {path}: no tokenizer class known; '
                          f'supported: {sorted(_TOKENIZER_CLASSES)}.')
-    tokenizer_dict, kwargs = _tokenizer_inputs(meta)
+    tokenizer_dict, kwargs = _tokenizer_inputs(meta, key_table)
     read_s = time.perf_counter() - start
-    backend, extra = convert_gguf_tokenizer(arch, tokenizer_dict)
+    backend, extra = convert(arch, tokenizer_dict)
     tokenizer = getattr(transformers, _TOKENIZER_CLASSES[arch])(
         tokenizer_object=backend, **kwargs, **extra)
     logging.info('GGUF tokenizer %s: metadata %.1fs, convert %.1fs, %d tokens', path, read_s,
@@ -324,9 +341,10 @@ def _build_tokenizer(path: pathlib.Path):
 def load_gguf_tokenizer(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None):
     """The tokenizer a GGUF file carries, as a transformers fast tokenizer (no torch needed).
 
-    Building it from the file's `tokenizer.ggml.*` metadata takes ~30 s for Gemma 3's 262k
-    vocabulary (the merges are rebuilt from the token list), so the first call saves a copy
-    under `cache_dir/<file stem>` and later calls load that in about a second.
+    Building it from the file's `tokenizer.ggml.*` metadata takes ~20 s for Gemma 3's 262k
+    vocabulary on 2 cores (~13 s of it `gguf.GGUFReader` walking the token arrays, ~3 s
+    rebuilding the merges), so the first call saves a copy under `cache_dir/<file stem>` and
+    later calls load that in a few seconds.
 
     Args:
       path: a Gemma 2/3 `.gguf` file.

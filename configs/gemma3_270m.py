@@ -25,6 +25,7 @@ def get_config(arg=None):
     c.data.datasets = ('sae_probes:95_toxic_is', 'sae_probes:96_spam_is',
                        'sae_probes:102_twt_emotion')
     c.data.max_rows = 1000  # keeps the whole demo under 10 minutes on 2 CPU cores
+    c.features.top_n = 20  # MOSAIC's top-n count pooling (its sweep used 0, 20 and 50)
     if arg.smoke:
         c.layers = (8,)
         c.sae.widths = ('4k',)

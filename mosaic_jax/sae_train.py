@@ -13,9 +13,15 @@ stays positive); `target_l0` optionally swaps the lambda * L0 penalty for
 lambda * (L0 / target - 1)^2 (the dictionary_learning variant), which lands near a chosen
 sparsity without a lambda sweep.
 
-Normalisation is folded back on export (`to_sae_params`): training sees x' = s * x. With unit
-decoder rows, pre' = s * (x W_enc + b_enc / s), so the raw-space SAE keeps W_enc and W_dec and
-divides b_enc, theta and b_dec by s; its codes are f' / s and its reconstruction x_hat' / s.
+Normalisation is folded back on export (`to_sae_params`). Training sees x' = (x - mu) * a
+(Gemma Scope: mu = 0, a = s the same for every dimension; `normalise='per_dim'`: mu the data
+mean and a ~ 1/std per dimension, for residual streams where a few massive dimensions would
+otherwise own the squared error). Then pre' = x (a * W_enc) + b_enc - (mu * a) W_enc, and
+x = x_hat' / a + mu, so the raw-space SAE has W_enc' = a * W_enc, b_enc' = b_enc - (mu a) W_enc,
+W_dec' = W_dec / a, b_dec' = b_dec / a + mu. JumpReLU is positively homogeneous, so each
+latent i is then rescaled by c_i = ||W_dec'_i|| (encoder column, b_enc and theta times c_i,
+decoder row divided by it) to give unit decoder rows again. It fires on exactly the same
+latents; in the scalar case this is W_enc, W_dec unchanged and b_enc, theta, b_dec divided by s.
 """
 from __future__ import annotations
 
@@ -60,7 +66,8 @@ class TrainConfig:
     init_threshold: float = 1e-3      # theta at init, in normalised units
     min_threshold: float = 1e-6       # theta is clamped here after each step (stays > 0)
     target_mean_sq_norm: float = 1.0  # E||s*x||^2 after scaling (Gemma Scope: unit mean sq.)
-    norm_sample_size: int = 16384     # rows used to estimate the scale s
+    normalise: str = 'scalar'         # 'scalar' (paper) or 'per_dim' (see module docstring)
+    norm_sample_size: int = 16384     # rows used to estimate the normalisation
     b_dec_init: str = 'zero'          # 'zero' (paper) or 'mean' of the normalised sample
     seed: int = 0
     checkpoint_every: int = 500       # steps between orbax checkpoints (when a dir is given)
@@ -83,6 +90,8 @@ class TrainConfig:
             raise ValueError('lr_warmup_frac + lr_decay_frac must be <= 1')
         if self.target_l0 is not None and self.target_l0 <= 0:
             raise ValueError(f'target_l0 must be > 0 or None, got {self.target_l0}')
+        if self.normalise not in ('scalar', 'per_dim'):
+            raise ValueError(f"normalise must be 'scalar' or 'per_dim', got {self.normalise!r}")
         if self.b_dec_init not in ('zero', 'mean'):
             raise ValueError(f"b_dec_init must be 'zero' or 'mean', got {self.b_dec_init!r}")
 
@@ -101,7 +110,8 @@ class TrainState:
     params: dict[str, jax.Array]
     opt_state: Any
     key: jax.Array           # uint32[2], raw PRNG key data; batch sampling derives from it
-    scale: jax.Array         # f32[], s: raw activations are multiplied by it
+    shift: jax.Array         # f32[D], mu: subtracted from raw activations ...
+    scale: jax.Array         # f32[D], a: ... which are then multiplied by it
 
 
 # ---------------------------------------------------------------------------------------
@@ -240,7 +250,7 @@ def _unit_rows(w: jax.Array) -> jax.Array:
 def make_train_step(cfg: TrainConfig) -> Callable[[TrainState, jax.Array], tuple]:
     """Builds the jitted `train_step(state, batch) -> (state, metrics)`.
 
-    batch: raw (unnormalised) activations f32[B, D]; the step applies `state.scale`.
+    batch: raw (unnormalised) activations f32[B, D]; the step applies shift and scale.
     metrics: scalar loss, mse, l0, fve (fraction of variance explained on this batch) and the
     current lambda and learning rate.
     """
@@ -250,7 +260,7 @@ def make_train_step(cfg: TrainConfig) -> Callable[[TrainState, jax.Array], tuple
 
     @jax.jit
     def train_step(state: TrainState, batch: jax.Array):
-        x = batch.astype(jnp.float32) * state.scale
+        x = (batch.astype(jnp.float32) - state.shift) * state.scale
         lam = l0_coeff_at(cfg, state.step)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, x, lam, cfg)
         # Only the component of each decoder-row gradient orthogonal to the (unit) row can
@@ -268,25 +278,46 @@ def make_train_step(cfg: TrainConfig) -> Callable[[TrainState, jax.Array], tuple
     return train_step
 
 
-def init_state(cfg: TrainConfig, d_model: int, scale: float,
-               b_dec: np.ndarray | None = None) -> TrainState:
-    """Fresh state from cfg.seed; `scale` is s, `b_dec` (normalised units) optional."""
+def init_state(cfg: TrainConfig, d_model: int, shift: np.ndarray | float,
+               scale: np.ndarray | float, b_dec: np.ndarray | None = None) -> TrainState:
+    """Fresh state from cfg.seed; shift/scale broadcast to [D]; b_dec normalised units."""
     cfg.validate()
     init_key, data_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = init(init_key, d_model, cfg.width, init_threshold=cfg.init_threshold,
                   b_dec=None if b_dec is None else jnp.asarray(b_dec))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=make_optimizer(cfg).init(params), key=data_key,
-                      scale=jnp.asarray(scale, jnp.float32))
+                      shift=jnp.broadcast_to(jnp.asarray(shift, jnp.float32), (d_model,)),
+                      scale=jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (d_model,)))
 
 
 def to_sae_params(state: TrainState) -> sae.SAEParams:
-    """Raw-activation-space SAE: b_enc, theta and b_dec divided by s (see module docstring)."""
-    p = jax.device_get(state.params)
-    s = float(state.scale)
-    return sae.SAEParams(w_enc=jnp.asarray(p['w_enc']), b_enc=jnp.asarray(p['b_enc'] / s),
-                         threshold=jnp.asarray(p['threshold'] / s),
-                         w_dec=jnp.asarray(p['w_dec']), b_dec=jnp.asarray(p['b_dec'] / s))
+    """The SAE on raw activations, with unit decoder rows (see module docstring)."""
+    p = {k: np.asarray(v, np.float64) for k, v in jax.device_get(state.params).items()}
+    mu = np.asarray(state.shift, np.float64)                          # [D]
+    a = np.asarray(state.scale, np.float64)                           # [D]
+    w_dec = p['w_dec'] / a                                            # [F, D]
+    c = np.linalg.norm(w_dec, axis=-1)                                # [F], > 0
+    arrays = dict(w_enc=a[:, None] * p['w_enc'] * c,
+                  b_enc=(p['b_enc'] - (mu * a) @ p['w_enc']) * c,
+                  threshold=p['threshold'] * c,
+                  w_dec=w_dec / c[:, None],
+                  b_dec=p['b_dec'] / a + mu)
+    return sae.SAEParams(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+
+
+def norm_stats(sample: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(shift mu f32[D], scale a f32[D]) with mean ||(x - mu) * a||^2 = target on `sample`."""
+    d = sample.shape[-1]
+    if cfg.normalise == 'scalar':
+        return (np.zeros(d, np.float32),
+                np.full(d, norm_scale(sample, cfg.target_mean_sq_norm), np.float32))
+    mu = sample.mean(0, dtype=np.float64)
+    std = sample.std(0, dtype=np.float64)
+    inv = np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0)  # constant dims: as is
+    z = (sample - mu) * inv
+    a = inv * norm_scale(z, cfg.target_mean_sq_norm)
+    return mu.astype(np.float32), a.astype(np.float32)
 
 
 def norm_scale(sample: np.ndarray, target_mean_sq_norm: float = 1.0) -> float:
@@ -323,7 +354,7 @@ def save_state(folder: str, state: TrainState, history: dict[str, list], keep: i
     """Writes state_<step>/ (orbax) and metrics.json, then prunes to the newest `keep`."""
     step = int(state.step)
     tree = dict(step=state.step, params=state.params, opt_state=state.opt_state,
-                key=state.key, scale=state.scale)
+                key=state.key, shift=state.shift, scale=state.scale)
     checkpoint.save_pytree(os.path.join(folder, f'state_{step:08d}'), tree)
     checkpoint.atomic_write_json(os.path.join(folder, 'metrics.json'),
                                  dict(step=step, history=history))
@@ -338,7 +369,7 @@ def restore_state(folder: str, like: TrainState) -> tuple[TrainState, dict] | No
         return None
     step, path = found[-1]
     tree = dict(step=like.step, params=like.params, opt_state=like.opt_state, key=like.key,
-                scale=like.scale)
+                shift=like.shift, scale=like.scale)
     restored = checkpoint.restore_pytree(path, jax.tree.map(np.asarray, tree))
     state = TrainState(**jax.tree.map(jnp.asarray, restored))
     history = {}
@@ -414,9 +445,9 @@ def train_sae(activation_source: np.ndarray | Iterable[np.ndarray], d_model: int
     if checkpoint_dir:
         os.makedirs(checkpoint_dir, exist_ok=True)
         _check_config(checkpoint_dir, cfg, d_model)
-    scale = norm_scale(sample, cfg.target_mean_sq_norm)
-    b_dec = sample.mean(0) * scale if cfg.b_dec_init == 'mean' else None
-    state = init_state(cfg, d_model, scale, b_dec)
+    shift, scale = norm_stats(sample, cfg)
+    b_dec = (sample.mean(0) - shift) * scale if cfg.b_dec_init == 'mean' else None
+    state = init_state(cfg, d_model, shift, scale, b_dec)
     history: dict[str, list] = {}
     if checkpoint_dir and (restored := restore_state(checkpoint_dir, state)) is not None:
         state, history = restored

@@ -63,26 +63,37 @@ def test_init_follows_gemma_scope():
     np.testing.assert_allclose(p['threshold'], 1e-3)
 
 
-def test_normalisation_is_folded_into_exported_params():
-    """Raw-space SAE on x == training-space SAE on s*x, divided by s (codes and recon)."""
+@pytest.mark.parametrize('normalise', ['scalar', 'per_dim'])
+def test_normalisation_is_folded_into_exported_params(normalise):
+    """Raw-space SAE on x == training-space SAE on x' = (x - mu) * a, mapped back."""
     d, f = 8, 24
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(64, d)).astype(np.float32) * 7.0 + 3.0
-    cfg = st.TrainConfig(width=f, steps=10)
-    state = st.init_state(cfg, d, st.norm_scale(x), b_dec=rng.normal(size=d))
+    # Dimension 0 is a 'massive' one, as in Gemma 3's residual stream.
+    x = (rng.normal(size=(256, d)) * np.r_[200.0, np.ones(d - 1) * 3] + 5).astype(np.float32)
+    cfg = st.TrainConfig(width=f, steps=10, normalise=normalise)
+    shift, scale = st.norm_stats(x, cfg)
+    state = st.init_state(cfg, d, shift, scale, b_dec=rng.normal(size=d))
     state = state.replace(params=dict(
         state.params, b_enc=jnp.asarray(rng.normal(size=f) * 0.1, jnp.float32),
         threshold=jnp.asarray(rng.uniform(0.01, 0.2, f), jnp.float32)))
-    s = float(state.scale)
-    np.testing.assert_allclose(np.mean(np.sum((s * x) ** 2, -1)), 1.0, rtol=1e-5)  # f64 mean
-    codes, recon, _ = st.forward(state.params, jnp.asarray(x) * s, cfg.bandwidth)
+    xn = (x - shift) * scale
+    np.testing.assert_allclose(np.mean(np.sum(xn.astype(np.float64) ** 2, -1)), 1.0,
+                               rtol=1e-5)  # f32 inputs, f64 mean
+    if normalise == 'per_dim':  # every dimension carries the same variance
+        np.testing.assert_allclose(xn.var(0), 1.0 / d, rtol=1e-4)  # f32 statistics
+    codes, recon, _ = st.forward(state.params, jnp.asarray(xn), cfg.bandwidth)
     raw = st.to_sae_params(state)
-    raw_codes = sae.encode(raw, jnp.asarray(x))
+    np.testing.assert_allclose(np.linalg.norm(raw.w_dec, axis=1), 1.0, rtol=1e-5)  # f32
+    raw_codes = np.asarray(sae.encode(raw, jnp.asarray(x)))
+    codes = np.asarray(codes)
     assert 0 < float((codes > 0).mean()) < 1  # the check below is not vacuous
-    np.testing.assert_array_equal(np.asarray(raw_codes) > 0, np.asarray(codes) > 0)
-    # f32: b/s and x*s round differently; values are O(1).
-    np.testing.assert_allclose(raw_codes, codes / s, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(sae.decode(raw, raw_codes), recon / s, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(raw_codes > 0, codes > 0)
+    # Same latents, each rescaled by one positive factor c_i.
+    c = np.linalg.norm(np.asarray(state.params['w_dec']) / np.asarray(scale), axis=1)
+    # f32 products of O(1e2) raw inputs: relative agreement ~1e-5.
+    np.testing.assert_allclose(raw_codes, codes * c, rtol=1e-4, atol=1e-4)
+    want = np.asarray(recon) / np.asarray(scale) + np.asarray(shift)
+    np.testing.assert_allclose(sae.decode(raw, raw_codes), want, rtol=1e-4, atol=1e-3)
 
 
 def test_evaluate_counts_dead_latents_and_variance():
@@ -153,13 +164,13 @@ _TINY = dict(width=48, steps=30, batch_size=64, lr=3e-3, target_l0=3.0, l0_coeff
 def test_state_round_trips_exactly(tmp_path):
     _, x = sparse_dictionary_problem(2000)
     cfg = st.TrainConfig(**_TINY)
-    state = st.init_state(cfg, 32, st.norm_scale(x))
+    state = st.init_state(cfg, 32, 0.0, st.norm_scale(x))
     step = st.make_train_step(cfg)
     for i in range(3):  # non-trivial Adam moments and step counters
         state, _ = step(state, st._array_batch(x, np.asarray(state.key), i, 64))
     history = {'step': [1, 2, 3], 'l0': [9.0, 8.0, 7.0]}
     st.save_state(str(tmp_path), state, history, keep=2)
-    restored, got_history = st.restore_state(str(tmp_path), st.init_state(cfg, 32, 1.0))
+    restored, got_history = st.restore_state(str(tmp_path), st.init_state(cfg, 32, 0.0, 1.0))
     assert got_history == history
     leaves, treedef = jax.tree.flatten(state)
     got_leaves, got_treedef = jax.tree.flatten(restored)

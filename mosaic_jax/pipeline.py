@@ -366,6 +366,19 @@ def make_fused_step(graphdef, spec: FeatureSpec, key: str, tx: optax.GradientTra
     return step
 
 
+def batch_targets(b, labels: np.ndarray, class_weight: np.ndarray):
+    """Rows, labels and weights of one data.Batch for the probe (filler rows: weight 0).
+
+    Returns:
+      idx int[B] (filler rows point at row 0), lab int32[B], w float32[B].
+    """
+    valid = np.asarray(b.valid, bool)
+    idx = np.where(valid, np.asarray(b.index), 0)
+    lab = np.where(valid, labels[idx], 0).astype(np.int32)
+    w = np.where(valid, class_weight[lab], 0.0).astype(np.float32)
+    return idx, lab, w
+
+
 def train_cached_minibatch(x: np.ndarray, labels: np.ndarray, class_weight: np.ndarray,
                            batches_fn, *, epochs: int, lr: float, C: float, num_classes: int,
                            seed: int):
@@ -384,10 +397,7 @@ def train_cached_minibatch(x: np.ndarray, labels: np.ndarray, class_weight: np.n
                                      pmapped=False))
     for _ in range(epochs):
         for b in batches_fn():
-            valid = np.asarray(b.valid, bool)
-            idx = np.where(valid, np.asarray(b.index), 0)
-            lab = np.where(valid, labels[idx], 0).astype(np.int32)
-            w = np.where(valid, class_weight[lab], 0.0).astype(np.float32)
+            idx, lab, w = batch_targets(b, labels, class_weight)
             params, opt_state, _ = step(params, opt_state, np.asarray(x[idx], np.float32),
                                         lab, w)
     return params
@@ -800,10 +810,8 @@ def train_fused(trainer: 'FusedTrainer', batches_fn, labels: np.ndarray, weights
     losses = []
     for _ in range(epochs):
         for b in batches_fn():
-            valid = np.asarray(b.valid, bool)
             fm = feature_mask(b.input_ids, b.attention_mask, bos_id, include_special)
-            lab = np.where(valid, labels[np.asarray(b.index)], 0).astype(np.int32)
-            w = np.where(valid, weights[lab], 0.0).astype(np.float32)
+            _, lab, w = batch_targets(b, labels, weights)
             losses.append(trainer.step(b, fm, lab, w))
     return losses
 

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from mosaic_jax import checkpoint
 from mosaic_jax import sae
@@ -535,10 +536,10 @@ def spliced_loss_increase(model, params: sae.SAEParams, layer: int, input_ids: n
     """Next-token loss increase when block `layer`'s output is replaced by the SAE's
     reconstruction (Gemma Scope's delta LM loss).
 
-    The Transformer has no splice hook, so this runs its submodules by hand: embedder,
-    blocks 0..layer, the splice, the remaining blocks, final norm, tied head and soft cap
-    (the same order as `Transformer.__call__`). The BOS token (position 0 of each row) and
-    padding keep their original residual, since the SAE never saw them in training.
+    Built from the Transformer's public pieces, in `__call__`'s order: `embed`,
+    `run_blocks` up to and including `layer`, the splice, `run_blocks` for the rest, `head`.
+    The BOS token (position 0 of each row) and padding keep their original residual, since
+    the SAE never saw them in training.
 
     Args:
       model: a `mosaic_jax.models.Transformer`.
@@ -550,10 +551,6 @@ def spliced_loss_increase(model, params: sae.SAEParams, layer: int, input_ids: n
       clean_loss, spliced_loss (mean nats per predicted real token), loss_increase
       (spliced - clean) and tokens (number of predicted tokens).
     """
-    from flax import nnx
-    from mosaic_jax.models import modules
-    from mosaic_jax.models import transformer
-
     num_layers = model.config.num_layers
     if not 0 <= layer < num_layers:
         raise ValueError(f'layer {layer} out of range: the model has blocks 0..{num_layers - 1}')
@@ -562,21 +559,16 @@ def spliced_loss_increase(model, params: sae.SAEParams, layer: int, input_ids: n
     @jax.jit
     def losses(model_state, sae_params, ids, mask):
         m = nnx.merge(graphdef, model_state)
-        positions, masks = transformer.positions_and_masks(mask, m.config.sliding_window)
-        x = m.embedder.encode(ids)
-        for i in range(layer + 1):
-            x = m.layers[i](x, positions, masks[m.layers[i].attn.attn_type])
+        info = m.attention_info(mask)
+        x = m.run_blocks(m.embed(ids), info, 0, layer + 1)            # [B, L, D]
         x32 = x.astype(jnp.float32)
         recon = sae.decode(sae_params, sae.encode(sae_params, x32))
-        keep = (mask.astype(bool) & (positions > 0))[..., None]
+        keep = (mask.astype(bool) & (info.positions > 0))[..., None]
         spliced = jnp.where(keep, recon, x32).astype(x.dtype)
 
         def rest(h):
-            for i in range(layer + 1, num_layers):
-                h = m.layers[i](h, positions, masks[m.layers[i].attn.attn_type])
-            logits = m.embedder.decode(m.final_norm(h)).astype(jnp.float32)
-            return _token_ce(modules.soft_cap(logits, m.config.final_logit_softcapping),
-                             ids, mask)
+            logits = m.head(m.run_blocks(h, info, layer + 1, num_layers))
+            return _token_ce(logits, ids, mask)
         clean, n = rest(x)
         dirty, _ = rest(spliced)
         return clean, dirty, n

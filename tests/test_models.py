@@ -282,6 +282,45 @@ def test_stopping_early_skips_later_blocks(gemma2):
     assert np.isnan(np.asarray(model(ids, mask).logits)).all()  # the poison does propagate
 
 
+@pytest.mark.parametrize('fixture', ['gemma2', 'gemma3'])
+def test_public_pieces_are_the_forward(fixture, request):
+    """head(run_blocks(embed(ids), attention_info(mask), 0, n)) is __call__, bit for bit."""
+    _, folder = request.getfixturevalue(fixture)
+    model = loading.load_model(folder)
+    n = model.config.num_layers
+    ids, mask = map(jnp.asarray, helpers.padded_batch(LENGTHS, SEQ, 'left', seed=6))
+
+    def pieces(m, ids, mask):
+        return m.head(m.run_blocks(m.embed(ids), m.attention_info(mask), 0, n))
+
+    def call(m, ids, mask):
+        return m(ids, mask).logits
+    got = pieces(model, ids, mask)
+    assert got.shape == (*ids.shape, model.config.vocab_size) and got.dtype == jnp.float32
+    np.testing.assert_array_equal(got, call(model, ids, mask))
+    np.testing.assert_array_equal(nnx.jit(pieces)(model, ids, mask),
+                                  nnx.jit(call)(model, ids, mask))
+    # Split runs compose, and captures are the stream after the block, cast to float32.
+    info = model.attention_info(mask)
+    x = model.embed(ids)
+    half = model.run_blocks(x, info, 0, 2)
+    np.testing.assert_array_equal(model.run_blocks(half, info, 2, n),
+                                  model.run_blocks(x, info, 0, n))
+    np.testing.assert_array_equal(model(ids, mask, capture=(1,)).hidden[1],
+                                  half.astype(jnp.float32))
+    assert model.run_blocks(x, info, 3, 3) is x  # empty range: the stream as it came
+
+
+def test_run_blocks_rejects_bad_ranges(gemma2):
+    _, folder = gemma2
+    model = loading.load_model(folder)
+    ids = jnp.ones((1, 4), jnp.int32)
+    info, x = model.attention_info(ids), model.embed(ids)
+    for start, stop in ((2, 1), (-1, 2), (0, 5), (0, jnp.int32(2))):
+        with pytest.raises(ValueError, match=r'0 <= start <= stop <= 4'):
+            model.run_blocks(x, info, start, stop)
+
+
 def test_bad_capture_requests(gemma2):
     _, folder = gemma2
     model = loading.load_model(folder)

@@ -267,7 +267,7 @@ def test_spliced_loss_with_identity_and_zero_saes():
                           threshold=jnp.full(2 * d, 1e-12), w_dec=jnp.asarray(eye.T),
                           b_dec=jnp.zeros(d))
     got = st.spliced_loss_increase(model, ident, 0, ids, mask, batch_size=2)  # 2 chunks
-    # The manual forward must match Transformer.__call__ (f32, same ops; tiny drift allowed).
+    # The spliced pass must match Transformer.__call__ (f32, same ops; tiny drift allowed).
     assert got['clean_loss'] == pytest.approx(clean, rel=1e-5)
     assert abs(got['loss_increase']) < 1e-5
     assert got['tokens'] == int(pair.sum())
@@ -282,3 +282,20 @@ def test_spliced_loss_with_identity_and_zero_saes():
     want = np.where(predictor_is_bos, nll, np.log(64.0))
     assert got['spliced_loss'] == pytest.approx((want * pair).sum() / pair.sum(), rel=1e-5)
     assert got['clean_loss'] == pytest.approx(clean, rel=1e-5)
+
+
+@pytest.mark.parametrize('layer', [0, 1])
+def test_identity_splice_is_exactly_zero_increase(layer, monkeypatch):
+    """An "SAE" whose reconstruction is its input leaves the loss bit for bit unchanged."""
+    model = _tiny_model()
+    ids = np.random.default_rng(1).integers(1, 64, (3, 6))
+    mask = np.ones((3, 6), np.int32)
+    mask[1, :3] = 0
+    monkeypatch.setattr(sae, 'encode', lambda params, x: x)
+    monkeypatch.setattr(sae, 'decode', lambda params, codes: codes)
+    got = st.spliced_loss_increase(model, None, layer, ids, mask)
+    assert got['loss_increase'] == 0.0 and got['spliced_loss'] == got['clean_loss']
+    logits = model.head(model.run_blocks(model.embed(jnp.asarray(ids)),
+                                         model.attention_info(jnp.asarray(mask)), 0, 2))
+    nll, pair = _ce_from_logits(logits, ids, mask)
+    assert got['clean_loss'] == pytest.approx((nll * pair).sum() / pair.sum(), rel=1e-5)

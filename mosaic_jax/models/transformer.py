@@ -5,6 +5,11 @@ Scope's layer L and transformers' `hidden_states[L + 1]`. MOSAIC indexes
 `hidden_states[L]` instead (the stream *before* block L, `hidden_states[0]` being the scaled
 embeddings); the pipeline maps its `layer_convention` onto block indices, this module only
 knows block indices.
+
+A forward pass is `head(run_blocks(embed(ids), attention_info(mask), 0, num_layers))`;
+`__call__` is exactly that composition (plus captures and early stopping), and code that
+needs to intervene mid-stream (e.g. splicing an SAE reconstruction in after a block) calls
+the same public pieces rather than the submodules.
 """
 from __future__ import annotations
 
@@ -58,8 +63,25 @@ def positions_and_masks(attention_mask: jax.Array, sliding_window: int | None):
     return positions, masks
 
 
+@flax.struct.dataclass
+class AttentionInfo:
+    """What every block of one pass needs besides the stream; built by `attention_info`.
+
+    Attributes:
+      positions: int32[B, L], see `positions_and_masks`.
+      masks: {AttentionType: bool[B, L(query), L(key)]}, one per attention type the model
+        can use (the sliding one only when the config has a window).
+    """
+    positions: jax.Array
+    masks: dict[AttentionType, jax.Array]
+
+
 class Transformer(nnx.Module):
-    """Gemma decoder: embedder, `layers[i]` blocks, `final_norm`, tied soft-capped head."""
+    """Gemma decoder: embedder, `layers[i]` blocks, `final_norm`, tied soft-capped head.
+
+    Public pieces: `attention_info`, `embed`, `run_blocks`, `head`; `__call__` and
+    `residuals` are built from them.
+    """
 
     def __init__(self, config: GemmaConfig, *, dtype='float32', rngs: nnx.Rngs):
         """dtype is both the parameter and the compute dtype ('float32' or 'bfloat16')."""
@@ -71,6 +93,38 @@ class Transformer(nnx.Module):
                                 for t in config.attn_types])
         self.final_norm = layers.RMSNorm(config.embed_dim, eps=config.rms_norm_eps,
                                          dtype=dtype, rngs=rngs)
+
+    def attention_info(self, attention_mask: jax.Array) -> AttentionInfo:
+        """Positions and masks for `run_blocks`, from attention_mask [B, L] (1 on real
+        tokens, left or right padding); build it once per batch and share it."""
+        positions, masks = positions_and_masks(attention_mask, self.config.sliding_window)
+        return AttentionInfo(positions=positions, masks=masks)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """int[B, L] -> [B, L, D] in the compute dtype, scaled by sqrt(D) as in Gemma."""
+        return self.embedder.encode(input_ids)
+
+    def run_blocks(self, x: jax.Array, info: AttentionInfo, start: int, stop: int
+                   ) -> jax.Array:
+        """Blocks start..stop-1 on the residual stream x [B, L, D] -> [B, L, D].
+
+        x is cast to the compute dtype first (a no-op on this model's own streams);
+        start == stop returns it unchanged. start and stop are static Python ints with
+        0 <= start <= stop <= num_layers.
+        """
+        start, stop = _check_range(start, stop, self.config.num_layers)
+        x = x.astype(self.dtype)
+        for i in range(start, stop):
+            block = self.layers[i]
+            x = block(x, info.positions, info.masks[block.attn.attn_type])
+        return x
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final norm, tied embedding and final soft cap: [B, L, D] -> float32 logits
+        [B, L, V]. x is cast to the compute dtype first."""
+        logits = self.embedder.decode(self.final_norm(x.astype(self.dtype)))
+        cap = self.config.final_logit_softcapping
+        return modules.soft_cap(logits.astype(jnp.float32), cap)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  capture: Sequence[int] = (), *, return_logits: bool = True) -> Output:
@@ -91,21 +145,17 @@ class Transformer(nnx.Module):
             raise ValueError('return_logits=False needs at least one block in capture')
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
-        positions, masks = positions_and_masks(attention_mask, self.config.sliding_window)
+        info = self.attention_info(attention_mask)
 
-        last = self.config.num_layers - 1 if return_logits else max(capture)
-        x = self.embedder.encode(input_ids)                           # [B, L, D]
-        hidden = {}
-        for i in range(last + 1):
-            block = self.layers[i]
-            x = block(x, positions, masks[block.attn.attn_type])
-            if i in capture:
-                hidden[i] = x.astype(jnp.float32)
-
-        logits = None
-        if return_logits:
-            logits = self.embedder.decode(self.final_norm(x)).astype(jnp.float32)
-            logits = modules.soft_cap(logits, self.config.final_logit_softcapping)
+        stop = self.config.num_layers if return_logits else max(capture) + 1
+        x = self.embed(input_ids)                                     # [B, L, D]
+        hidden, done = {}, 0
+        for i in sorted(capture):
+            x = self.run_blocks(x, info, done, i + 1)
+            hidden[i] = x.astype(jnp.float32)
+            done = i + 1
+        x = self.run_blocks(x, info, done, stop)
+        logits = self.head(x) if return_logits else None
         return Output(logits=logits, hidden=hidden)
 
     def residuals(self, input_ids: jax.Array, attention_mask: jax.Array,
@@ -135,3 +185,13 @@ def _check_blocks(blocks: Sequence[int], num_layers: int) -> frozenset[int]:
         raise ValueError(f'block indices {bad} out of range: this model has blocks '
                          f'0..{num_layers - 1}')
     return frozenset(blocks)
+
+
+def _check_range(start: int, stop: int, num_layers: int) -> tuple[int, int]:
+    """start, stop as ints with 0 <= start <= stop <= num_layers, else ValueError."""
+    ok = all(isinstance(b, (int, np.integer)) and not isinstance(b, bool)
+             for b in (start, stop))
+    if not (ok and 0 <= start <= stop <= num_layers):
+        raise ValueError(f'block range [{start}, {stop}) invalid: need static ints with '
+                         f'0 <= start <= stop <= {num_layers}')
+    return int(start), int(stop)

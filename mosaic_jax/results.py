@@ -12,6 +12,7 @@ Every write is atomic (checkpoint.atomic_write_*).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime
 import importlib.metadata
 import io
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from mosaic_jax import checkpoint
+from mosaic_jax import checkpoint, metrics, probe
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'scikit-learn',
             'transformers', 'datasets', 'mosaic_jax')
@@ -57,10 +58,18 @@ def linear_probe_block(y_true: np.ndarray, proba: np.ndarray, class_names: list,
                        top_k: int = 10) -> dict:
     """MOSAIC's `models.linearProbe` block from test labels and probabilities.
 
+    Per-class rows come from sklearn's classification_report over all classes; accuracy
+    and macro F1 (`performance.macro_f1` = `aggregated_metrics['macro avg'].f1_score`)
+    come from the metrics module, the project's one definition.
+
     Args:
-      y_true: int[N] test labels; proba: float[N, C].
+      y_true: int[N] test labels; proba: float[N, C], C = len(class_names).
       coef: float[F, C'] probe weights in the original feature space (C' = 1 binary).
     """
+    proba = np.asarray(proba)
+    if proba.ndim != 2 or proba.shape[1] != len(class_names):
+        raise ValueError(f'proba {proba.shape} needs one column per class '
+                         f'({len(class_names)} names)')
     y_pred = proba.argmax(-1)
     labels = list(range(len(class_names)))
     rep = skm.classification_report(y_true, y_pred, labels=labels, output_dict=True,
@@ -70,13 +79,15 @@ def linear_probe_block(y_true: np.ndarray, proba: np.ndarray, class_names: list,
         r = rep[str(i)]
         class_metrics[str(name)] = dict(precision=r['precision'], recall=r['recall'],
                                         f1_score=r['f1-score'], support=float(r['support']))
+    perf = metrics.compute(y_true, proba, names=('accuracy', 'macro_f1'))
     agg = {}
     for k in ('macro avg', 'weighted avg'):
         r = rep[k]
         agg[k] = dict(precision=r['precision'], recall=r['recall'], f1_score=r['f1-score'],
                       support=float(r['support']))
+    agg['macro avg']['f1_score'] = perf['macro_f1']
     block: dict[str, Any] = dict(
-        performance=dict(accuracy=float(skm.accuracy_score(y_true, y_pred))),
+        performance=dict(accuracy=perf['accuracy'], macro_f1=perf['macro_f1']),
         class_metrics=class_metrics, aggregated_metrics=agg)
     if cv:
         block['performance']['cross_validation'] = cv
@@ -97,13 +108,19 @@ def linear_probe_block(y_true: np.ndarray, proba: np.ndarray, class_names: list,
 
 def tree_block(tree, y_true: np.ndarray, y_pred: np.ndarray, class_names: list,
                top_k: int = 10) -> dict:
-    """MOSAIC's `models.decisionTree` block from a fitted sklearn DecisionTreeClassifier."""
+    """MOSAIC's `models.decisionTree` block from a fitted sklearn DecisionTreeClassifier.
+
+    Args:
+      y_true, y_pred: int[N] test labels and tree predictions in 0..len(class_names)-1.
+    """
     t = tree.tree_
     imp = tree.feature_importances_
     top = np.argsort(-imp)[:top_k]
+    # One-hot "probabilities" whose argmax is y_pred: the metrics module's definitions.
+    onehot = np.eye(len(class_names))[np.asarray(y_pred)]
+    perf = metrics.compute(y_true, onehot, names=('accuracy', 'macro_f1'))
     return dict(
-        performance=dict(accuracy=float(skm.accuracy_score(y_true, y_pred)),
-                         macro_f1=float(skm.f1_score(y_true, y_pred, average='macro'))),
+        performance=perf,
         feature_analysis=dict(
             top_features=[dict(index=int(i), score=float(imp[i]), name=f'Feature {i}')
                           for i in top if imp[i] > 0]),
@@ -142,31 +159,136 @@ def write_json(folder: str, name: str, obj: dict) -> str:
     return path
 
 
-SUMMARY_FIELDS = ('dataset', 'layer', 'width', 'kind', 'variant', 'pooling', 'binarized', 'C',
-                  'macro_f1', 'accuracy', 'roc_auc', 'n_train', 'n_test', 'seconds')
+SUMMARY_METRICS = ('macro_f1', 'accuracy', 'roc_auc')  # write_summary's default metrics
+SUMMARY_IDENTITY = ('dataset', 'layer', 'width', 'kind', 'variant', 'pooling', 'binarized',
+                    'top_n', 'selected', 'seed', 'C')
+SUMMARY_TAIL = ('n_train', 'n_test', 'seconds')
+# Short column titles in format_table; other metrics are titled by their name.
+TABLE_TITLES = {'macro_f1': 'macroF1', 'accuracy': 'acc', 'roc_auc': 'AUC',
+                'balanced_accuracy': 'balAcc', 'macro_f1_present': 'F1pres'}
 
 
-def write_summary(path: str, rows: list[dict]) -> None:
+def summary_fields(metric_names=SUMMARY_METRICS) -> tuple[str, ...]:
+    """summary.csv columns: identity columns and C, then per metric `m, m_lo, m_hi`
+    (its bootstrap interval), then n_train, n_test, seconds."""
+    cols = [c for m in metric_names for c in (m, f'{m}_lo', f'{m}_hi')]
+    return SUMMARY_IDENTITY + tuple(cols) + SUMMARY_TAIL
+
+
+SUMMARY_FIELDS = summary_fields()
+
+
+def _cell(v) -> str:
+    """A summary.csv value: floats to 4 decimals (NaN stays 'nan'), None empty."""
+    if v is None:
+        return ''
+    if isinstance(v, (float, np.floating)):
+        return f'{float(v):.4f}'
+    return str(v.item() if isinstance(v, np.generic) else v)
+
+
+def write_summary(path: str, rows: list[dict], metric_names=SUMMARY_METRICS) -> None:
+    """One CSV row per probe / baseline; columns from `summary_fields(metric_names)`,
+    keys of a row outside them are ignored and missing ones are written empty."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS, extrasaction='ignore')
+    w = csv.DictWriter(buf, fieldnames=summary_fields(metric_names), restval='',
+                       extrasaction='ignore')
     w.writeheader()
     for r in rows:
-        w.writerow({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in r.items()})
+        w.writerow({k: _cell(v) for k, v in r.items()})
     checkpoint.atomic_write_text(path, buf.getvalue())
 
 
-def format_table(rows: list[dict]) -> str:
-    """The summary printed at the end of a run: one line per probe / baseline."""
+def _num(v) -> str:
+    return f'{v:.3f}' if isinstance(v, (float, np.floating)) and np.isfinite(v) else '  -  '
+
+
+def _with_interval(r: dict, m: str) -> str:
+    """'0.812 [0.760, 0.861]' when r holds a finite m_lo and m_hi, else just the value."""
+    lo, hi = r.get(f'{m}_lo'), r.get(f'{m}_hi')
+    if all(isinstance(v, (float, np.floating)) and np.isfinite(v) for v in (lo, hi)):
+        return f'{_num(r.get(m))} [{lo:.3f}, {hi:.3f}]'
+    return _num(r.get(m))
+
+
+def format_table(rows: list[dict], metric_names=SUMMARY_METRICS) -> str:
+    """The summary printed at the end of a run: one line per probe / baseline, a column
+    per metric; macro-F1 shows its bootstrap interval where the row has one."""
+    shown = {m: (_with_interval if m == 'macro_f1' else (lambda r, k: _num(r.get(k))))
+             for m in metric_names}
+    cells = [{m: fn(r, m) for m, fn in shown.items()} for r in rows]
+    widths = {m: max([len(TABLE_TITLES.get(m, m)), 6] + [len(c[m]) for c in cells])
+              for m in metric_names}
+    if 'macro_f1' in widths:
+        widths['macro_f1'] = max(widths['macro_f1'], 8)  # the table's historic width
     head = f"{'dataset':<22} {'layer':>5} {'width':>6} {'kind':<9} {'variant':<16} " \
-           f"{'C':>6} {'macroF1':>8} {'acc':>6} {'AUC':>6}"
+           f"{'C':>6}" + ''.join(f' {TABLE_TITLES.get(m, m):>{widths[m]}}'
+                                 for m in metric_names)
     lines = [head, '-' * len(head)]
-    for r in rows:
-        def f(k):
-            v = r.get(k)
-            return f'{v:.3f}' if isinstance(v, float) and np.isfinite(v) else '  -  '
+    for r, cell in zip(rows, cells):
         c = r.get('C')
         lines.append(f"{str(r['dataset'])[:22]:<22} {str(r.get('layer', '')):>5} "
                      f"{str(r.get('width', '')):>6} {r['kind']:<9} {str(r['variant'])[:16]:<16} "
-                     f"{(f'{c:g}' if isinstance(c, float) else '-'):>6} {f('macro_f1'):>8} "
-                     f"{f('accuracy'):>6} {f('roc_auc'):>6}")
+                     f"{(f'{c:g}' if isinstance(c, float) else '-'):>6}"
+                     + ''.join(f' {cell[m]:>{widths[m]}}' for m in metric_names))
     return '\n'.join(lines)
+
+
+@dataclasses.dataclass
+class VariantFiles:
+    """What the two per-SAE result files of one dataset hold (see write_variant_files)."""
+    config: Any
+    ds: Any                    # data.LabeledTexts
+    key: Any                   # variants.SAEKey
+    y_test: np.ndarray
+    best: Any                  # evaluation.ProbeResult of the chosen variant
+    fitted: dict               # Variant -> ProbeResult
+    tree: dict | None          # baselines.run('decision_tree', ...) output
+    hidden: dict               # pooling -> ProbeResult of the hidden baselines
+    cv: dict                   # 'sae' / 'hidden' -> cross_validation block
+    meta: dict                 # dataset facts: n_texts, n_tokens, split sizes, ...
+
+
+def _coef(params) -> np.ndarray:
+    """Probe weights on the raw feature space (standardisation undone): [F, C']."""
+    return probe.raw_coef(params)[0]
+
+
+def _sae_json(f: VariantFiles) -> dict:
+    v = f.best.key
+    names = f.ds.label_names
+    extra = dict(best_variant=v.full_name, variant=v.name, C=f.best.C, pooling=v.pooling,
+                 binarized=v.binarized, binarize_threshold=f.config.features.threshold,
+                 top_n=v.top_n, probe_seconds=f.best.seconds, **f.meta)
+    out = dict(
+        metadata=metadata(f.config, dataset=f.ds.name, layer=f.key.layer, width=f.key.width,
+                          hidden=False, class_names=names, extra=extra),
+        models=dict(linearProbe=linear_probe_block(f.y_test, f.best.test_proba, names,
+                                                   _coef(f.best.params), cv=f.cv.get('sae'))),
+        variants={k.name: dict(C=r.C, val=r.val, test=r.test, seconds=r.seconds,
+                               pooling=k.pooling, top_n=k.top_n, binarized=k.binarized)
+                  for k, r in f.fitted.items()})
+    if f.tree is not None:
+        out['models']['decisionTree'] = tree_block(
+            f.tree['model'], f.y_test, np.asarray(f.tree['proba']).argmax(-1), names)
+    return out
+
+
+def _hidden_json(f: VariantFiles) -> dict:
+    main = f.hidden.get('last') or next(iter(f.hidden.values()))
+    names = f.ds.label_names
+    return dict(
+        metadata=metadata(f.config, dataset=f.ds.name, layer=f.key.layer, width=f.key.width,
+                          hidden=True, class_names=names,
+                          extra=dict(C=main.C, pooling=main.key.pooling, **f.meta)),
+        models=dict(linearProbe=linear_probe_block(f.y_test, main.test_proba, names,
+                                                   _coef(main.params), cv=f.cv.get('hidden'))),
+        variants={r.key.name: dict(C=r.C, val=r.val, test=r.test) for r in f.hidden.values()})
+
+
+def write_variant_files(folder: str, f: VariantFiles) -> None:
+    """`sae_classifier_results.json` (+ `hidden_classifier_results.json` when hidden
+    baselines ran) in MOSAIC's layout, plus every variant's validation and test scores."""
+    write_json(folder, 'sae_classifier_results.json', _sae_json(f))
+    if f.hidden:
+        write_json(folder, 'hidden_classifier_results.json', _hidden_json(f))

@@ -1,0 +1,113 @@
+"""results.py: the JSON blocks use metrics.py's one macro-F1; summary.csv / table columns."""
+import csv
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+from sklearn.tree import DecisionTreeClassifier
+
+from mosaic_jax import metrics, report, results
+
+NAMES = ['a', 'b', 'c', 'd']
+
+
+def _absent_class_predictions():
+    """4 classes; class 3 never occurs in the test labels nor the predictions."""
+    r = np.random.default_rng(0)
+    y = r.integers(0, 3, size=60)
+    logits = r.normal(size=(60, 4)) + 2.0 * np.eye(4)[y]
+    logits[:, 3] = -10.0  # class 3 is never predicted
+    return y, np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+
+
+def test_linear_probe_block_macro_f1_is_the_metrics_definition():
+    y, proba = _absent_class_predictions()
+    block = results.linear_probe_block(y, proba, NAMES, coef=None)
+    want = metrics.compute(y, proba)['macro_f1']
+    assert block['aggregated_metrics']['macro avg']['f1_score'] == want  # the same call
+    assert block['performance']['macro_f1'] == want
+    assert block['performance']['accuracy'] == metrics.compute(y, proba)['accuracy']
+    # The test is meaningful: the present-classes figure is different here.
+    present = metrics.compute(y, proba, ['macro_f1_present'])['macro_f1_present']
+    assert want == pytest.approx(0.75 * present, abs=1e-12)  # 3 of 4 classes; float rounding
+    assert block['class_metrics']['d'] == dict(precision=0.0, recall=0.0, f1_score=0.0,
+                                               support=0.0)
+
+
+def test_linear_probe_block_needs_one_column_per_class():
+    y, proba = _absent_class_predictions()
+    with pytest.raises(ValueError, match='one column per class'):
+        results.linear_probe_block(y, proba[:, :3], NAMES, coef=None)
+
+
+def test_tree_block_macro_f1_is_the_metrics_definition():
+    r = np.random.default_rng(1)
+    x = r.normal(size=(80, 5))
+    y = (x[:, 0] > 0).astype(np.int64) + (x[:, 1] > 1)  # classes 0..2; 3 absent
+    tree = DecisionTreeClassifier(max_depth=3, random_state=0).fit(x[:60], y[:60])
+    y_pred = tree.predict(x[60:])
+    block = results.tree_block(tree, y[60:], y_pred, NAMES)
+    onehot = np.eye(4)[y_pred]
+    assert block['performance'] == metrics.compute(y[60:], onehot, ['accuracy', 'macro_f1'])
+    want = skm.f1_score(y[60:], y_pred, labels=range(4), average='macro', zero_division=0)
+    assert block['performance']['macro_f1'] == pytest.approx(want, abs=1e-12)  # same sklearn
+    assert block['performance']['macro_f1'] < skm.f1_score(y[60:], y_pred, average='macro')
+
+
+def _row(**kw):
+    return dict(dict(dataset='ds', layer=1, width='16k', kind='sae', variant='max+bin',
+                     pooling='max', binarized=True, C=0.1, macro_f1=0.8123, accuracy=0.9,
+                     roc_auc=float('nan'), n_train=70, n_test=20, seconds=1.25), **kw)
+
+
+def _read(path):
+    with open(path, newline='') as f:
+        rd = csv.DictReader(f)
+        return rd.fieldnames, list(rd)
+
+
+def test_write_summary_default_columns(tmp_path):
+    path = str(tmp_path / 'summary.csv')
+    results.write_summary(path, [_row(top_n=32, seed=0, extra='ignored'),
+                                 _row(kind='tfidf', C=None, binarized=np.bool_(False))])
+    fields, rows = _read(path)
+    assert fields == ['dataset', 'layer', 'width', 'kind', 'variant', 'pooling', 'binarized',
+                      'top_n', 'selected', 'seed', 'C',
+                      'macro_f1', 'macro_f1_lo', 'macro_f1_hi', 'accuracy', 'accuracy_lo',
+                      'accuracy_hi', 'roc_auc', 'roc_auc_lo', 'roc_auc_hi',
+                      'n_train', 'n_test', 'seconds']
+    assert tuple(fields) == results.SUMMARY_FIELDS
+    assert rows[0]['macro_f1'] == '0.8123' and rows[0]['macro_f1_lo'] == ''  # missing: empty
+    assert rows[0]['top_n'] == '32' and rows[0]['seed'] == '0' and rows[0]['selected'] == ''
+    assert rows[0]['roc_auc'] == 'nan' and rows[0]['binarized'] == 'True'
+    assert rows[1]['C'] == '' and rows[1]['binarized'] == 'False'
+    # report.py still reads it.
+    parsed = report.read_summary(path)
+    assert parsed[0]['macro_f1'] == pytest.approx(0.8123, abs=1e-12)  # written to 4 places
+
+
+def test_write_summary_follows_the_configured_metrics(tmp_path):
+    y, proba = _absent_class_predictions()
+    names = ('macro_f1', 'balanced_accuracy', 'macro_f1_present')
+    scores = metrics.compute_with_intervals(y, proba, names, n_resamples=200)
+    path = str(tmp_path / 'summary.csv')
+    results.write_summary(path, [_row(selected=True, **scores)], metric_names=names)
+    fields, rows = _read(path)
+    metric_cols = [c for m in names for c in (m, f'{m}_lo', f'{m}_hi')]
+    assert fields == list(results.SUMMARY_IDENTITY) + metric_cols + ['n_train', 'n_test',
+                                                                    'seconds']
+    assert 'accuracy' not in fields and rows[0]['selected'] == 'True'
+    for c in metric_cols:
+        assert float(rows[0][c]) == pytest.approx(scores[c], abs=5e-5)  # 4 decimals
+
+
+def test_format_table_shows_the_macro_f1_interval():
+    plain = results.format_table([_row()])
+    assert plain.splitlines()[0].split()[-3:] == ['macroF1', 'acc', 'AUC']
+    assert ' 0.812  0.900    -' in plain
+    with_ci = results.format_table([_row(macro_f1_lo=0.76, macro_f1_hi=0.861), _row()])
+    lines = with_ci.splitlines()
+    assert '0.812 [0.760, 0.861]' in lines[2]
+    assert len({len(l) for l in lines[2:]}) == 1  # columns stay aligned
+    custom = results.format_table([_row(balanced_accuracy=0.5)], ('balanced_accuracy',))
+    assert custom.splitlines()[0].split()[-1] == 'balAcc' and '0.500' in custom

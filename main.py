@@ -1,4 +1,4 @@
-"""mosaic_jax entry point: parses the config and hands it to the pipeline.
+"""mosaic_jax entry point: parses the config and hands it to `experiment.run`.
 
   python main.py --config=configs/gemma3_270m.py
   python main.py --config=configs/gemma2b.py --config.model.path=/data/gemma-2-2b
@@ -19,11 +19,11 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-    from mosaic_jax import pipeline  # after flag parsing so --help stays fast
+    from mosaic_jax import experiment  # after flag parsing so --help stays fast
 
     try:
-        pipeline.run(_CONFIG.value)
-    except pipeline.UserError as e:  # bad input / missing weights: one clear line
+        experiment.run(_CONFIG.value)
+    except experiment.UserError as e:  # bad input / missing weights: one clear line
         logging.error('%s', e)
         raise SystemExit(f'error: {e}') from None
 

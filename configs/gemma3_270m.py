@@ -5,7 +5,14 @@ Runs fully offline on real sae-probes datasets in a few minutes on 2 CPU cores:
   python main.py --config=configs/gemma3_270m.py
   python main.py --config=configs/gemma3_270m.py:smoke   # 200 rows of one dataset
 """
+import os
+
 from configs import base, common
+
+# Shipped SAEs live in checkpoints/ beside configs/: resolved from this file, so a run
+# works from any directory and with a non-editable install.
+_CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            'checkpoints')
 
 
 def get_config(arg=None):
@@ -17,9 +24,8 @@ def get_config(arg=None):
     c.model.batch_size = 32
     # The paper's 2B layers 5/12/19 of 26 blocks, scaled to 18 blocks.
     c.layers = (3, 8, 13)
-    # SAEs we trained on this model (checkpoints/, see their metadata.json); a path
-    # relative to the repository root.
-    c.sae.source = 'checkpoints/gemma3_270m/layer_{layer}_width_{width}'
+    # SAEs we trained on this model (checkpoints/, see their metadata.json).
+    c.sae.source = os.path.join(_CHECKPOINTS, 'gemma3_270m', 'layer_{layer}_width_{width}')
     c.sae.widths = ('4k', '16k')
     c.sae.exclude = ('3:16k', '13:16k')  # the 16k width exists at the middle depth only
     # 102_twt_emotion (4 classes) also works but its probe stage is slow on CPU (see README).

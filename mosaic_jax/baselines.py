@@ -3,7 +3,7 @@
 Every baseline is `fn(x_train, y_train, x_test, x_val=None, *, num_classes=None, seed=0,
 **options) -> dict` with 'proba' f32[N_test, C], 'proba_val' f32[N_val, C] (when x_val is
 given) and 'model' (the fitted scikit-learn object). The hidden-state probes (MOSAIC's
-last-token and mean-pooled baselines) are not here: the pipeline pools hidden states and
+last-token and mean-pooled baselines) are not here: the feature step pools hidden states and
 fits them with `probe.py`, like the SAE features.
 """
 from __future__ import annotations

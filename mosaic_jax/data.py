@@ -1,5 +1,5 @@
-"""Labelled text datasets (sae-probes collection, local files, HF hub), splits, tokenisation
-and length-bucketed batches with static shapes.
+"""Labelled text datasets (sae-probes collection, local files, HF hub), tokenisation and
+length-bucketed batches with static shapes (train/val/test splits live in `splits`).
 
 A dataset spec is a registry name (`DATASETS`), `sae_probes:<name>`, a local file path, a hub
 id, or a dict / ConfigDict with the keys of `SPEC_KEYS`. Everything ends as `LabeledTexts`.
@@ -272,7 +272,7 @@ def _read_file(path: str, text_field: str):
         raise ValueError(f'dataset file {path!r}: unknown format; use one of '
                          f'{[s for s, _ in _FILE_SUFFIXES]}')
     if fmt == 'csv.zst':
-            # Text column read as str so '1.50' stays '1.50' (pandas would parse a float).
+        # Text column read as str so '1.50' stays '1.50' (pandas would parse a float).
         frame = pd.read_csv(path, compression='zstd', converters={text_field: str})
         return datasets.Dataset.from_pandas(frame, preserve_index=False)
     kwargs = dict(converters={text_field: str}) if fmt == 'csv' else {}
@@ -443,60 +443,6 @@ def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
             out = dataclasses.replace(out, labels=np.searchsorted(present, out.labels),
                                       label_names=[names[k] for k in present])
     return out
-
-
-# ---------------------------------------------------------------------------------------
-# Splits.
-# ---------------------------------------------------------------------------------------
-def _split_two(idx: np.ndarray, labels: np.ndarray, n_second: int, seed: int, what: str):
-    """Splits idx into (rest, `n_second` rows), stratified when every class can be."""
-    if n_second <= 0:
-        return idx, idx[:0]
-    counts = np.bincount(labels[idx])
-    counts = counts[counts > 0]
-    # train_test_split needs >= 2 members per class and >= C rows on each side to stratify.
-    if counts.min() >= 2 and min(n_second, len(idx) - n_second) >= len(counts):
-        try:
-            return tuple(train_test_split(idx, test_size=n_second, stratify=labels[idx],
-                                          random_state=seed))
-        except ValueError as e:
-            reason = str(e)
-    else:
-        reason = f'class sizes {counts.tolist()} too small for {n_second} {what} rows'
-    logging.warning('%s split not stratified: %s', what, reason)
-    return tuple(train_test_split(idx, test_size=n_second, random_state=seed))
-
-
-def split(labels: np.ndarray, seed: int, fractions: Sequence[float] = (0.7, 0.1, 0.2),
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stratified, seeded train/val/test split.
-
-    Args:
-      labels: int[N] class labels.
-      seed: same seed -> same split.
-      fractions: (train, val, test), each >= 0, summing to 1; train and test > 0.
-    Returns:
-      (train_idx, val_idx, test_idx), sorted int64 arrays that partition range(N).
-    """
-    labels = np.asarray(labels)
-    if len(fractions) != 3 or min(fractions) < 0 or not math.isclose(sum(fractions), 1.0):
-        raise ValueError(f'fractions={tuple(fractions)} must be 3 values >= 0 summing to 1')
-    f_train, f_val, f_test = fractions
-    if f_train <= 0 or f_test <= 0:
-        raise ValueError(f'fractions={tuple(fractions)}: train and test must be > 0')
-    if labels.ndim != 1 or len(labels) < 3:
-        raise ValueError(f'split needs int[N] labels with N >= 3, got shape {labels.shape}')
-    n = len(labels)
-    # Row counts, not fractions, go to sklearn: 0.1 / 0.8 of 800 rows is 100 only in exact
-    # arithmetic (sklearn's ceil of 100.00000000000001 would give 101).
-    n_test = max(1, round(f_test * n))
-    n_val = round(f_val * n)
-    if n - n_test - n_val < 1:
-        raise ValueError(f'fractions={tuple(fractions)} leave no training rows of {n}')
-    idx = np.arange(n, dtype=np.int64)
-    rest, test = _split_two(idx, labels, n_test, seed, 'test')
-    train, val = _split_two(np.asarray(rest), labels, n_val, seed, 'val')
-    return tuple(np.sort(np.asarray(a, dtype=np.int64)) for a in (train, val, test))
 
 
 # ---------------------------------------------------------------------------------------

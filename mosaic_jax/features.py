@@ -22,7 +22,7 @@ MOSAIC's pooling, as read in github.com/shan23chen/MOSAIC (`src/sort_load_datase
     of the padded batch, and no attention mask is applied afterwards, so BOS and any padding
     tokens are counted (MOSAIC's configs run batch_size 1, which avoids padding). One version
     of `src/get_hidden_states.py::get_valid_token` also drops the last position for LLMs.
-    The pipeline's `include_special=True` mask (all ones) matches "every position".
+    `include_special=True` (steps.feature_mask) counts BOS like MOSAIC, but never padding.
   * `--last-token` takes `x[-1]`, the last position of the row; the hidden-state baseline in
     `save_features` also takes the last position.
   * Binarization (`src/classifiers.py::ModelTrainer.binarize_features`): `np.where(x > t, 1, 0)`,

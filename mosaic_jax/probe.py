@@ -10,9 +10,10 @@ Objective (sklearn's): `J(w, b) = sum_i s_i xent_i + ||w||^2 / (2 C)`, bias unpe
 s_i = sample_weight_i * class_weight[y_i]. Scalings of J have the same optimum:
   * full batch (L-BFGS) minimises `J / sum_i s_i`, which is what sklearn's lbfgs minimises
     (so `tol` means the same thing: the largest |gradient| entry);
-  * a minibatch of B rows from a training set of n rows uses
-    `sum_b s_b xent_b / B + ||w||^2 / (2 C n)`, an unbiased estimate of `J / n`. With equal
-    per-device batches, `lax.pmean` of per-device gradients is the gradient on the union.
+  * a minibatch of B training rows (filler rows excluded) from a training set of n rows uses
+    `sum_b s_b xent_b / B + ||w||^2 / (2 C n)`, an unbiased estimate of `J / n`
+    (`batch_loss`; `make_train_step` is the one optimiser step on it, shared by the fused
+    and the cached minibatch trainers). Class weights stay in the numerator.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
+
+from mosaic_jax import metrics
 
 SOLVERS = ('lbfgs', 'adam')
 
@@ -88,34 +91,59 @@ def l2_penalty(params: ProbeParams, C) -> jax.Array:
     return 0.5 / C * jnp.sum(params.w ** 2)
 
 
+def _weighted_sum(params: ProbeParams, features: jax.Array, labels: jax.Array,
+                  sample_weight: jax.Array | None, valid: jax.Array | None) -> jax.Array:
+    """`sum_b valid_b s_b xent_b`: the data term of J on one batch (f32 scalar)."""
+    xent = per_example_loss(params, features, labels)
+    if sample_weight is not None:
+        xent = xent * sample_weight
+    if valid is not None:
+        xent = jnp.where(valid, xent, 0.0)
+    return jnp.sum(xent)
+
+
+def _count(features: jax.Array, valid: jax.Array | None) -> jax.Array:
+    """Rows of the batch that belong to the training set (filler rows excluded)."""
+    if valid is None:
+        return jnp.asarray(features.shape[0], jnp.float32)
+    return jnp.sum(valid.astype(jnp.float32))
+
+
 def batch_loss(params: ProbeParams, features: jax.Array, labels: jax.Array,
-               sample_weight: jax.Array | None = None, *, C, n_train=None) -> jax.Array:
-    """Minibatch estimate of J / n: `sum_b s_b xent_b / B + ||w||^2 / (2 C n_train)`.
+               sample_weight: jax.Array | None = None, *, C, n_train=None,
+               valid: jax.Array | None = None) -> jax.Array:
+    """The one minibatch objective, an unbiased estimate of J / n:
+
+      `sum_b valid_b s_b xent_b / n_valid + ||w||^2 / (2 C n_train)`.
+
+    Class weights enter the numerator only (dividing by the batch's sum of weights would
+    cancel `balanced` weighting inside a batch); the denominator counts training rows.
 
     Args:
-      features: f32[B, F]; labels: int[B]; sample_weight: f32[B] (default ones; 0 drops a
-        padding row but it still counts in B).
-      n_train: rows in the whole training set (default B, i.e. this batch is all of it).
+      features: f32[B, F]; labels: int[B]; sample_weight: f32[B] (default ones; a weight of
+        0 still counts the row in n_valid).
+      valid: bool[B], False for filler rows that pad a batch to the device count (default
+        all True); they count nowhere.
+      n_train: rows in the whole training set (default n_valid: the batch is all of it).
     Returns:
       f32 scalar.
     """
-    rows = features.shape[0]
-    n_train = rows if n_train is None else n_train
-    xent = per_example_loss(params, features, labels)
-    data = jnp.mean(xent) if sample_weight is None else jnp.sum(sample_weight * xent) / rows
+    count = jnp.maximum(_count(features, valid), 1.0)
+    n_train = count if n_train is None else n_train
+    data = _weighted_sum(params, features, labels, sample_weight, valid) / count
     return data + l2_penalty(params, C) / n_train
 
 
 def loss_and_grad(params: ProbeParams, features: jax.Array, labels: jax.Array,
-                  sample_weight: jax.Array | None = None, *, C, n_train=None):
+                  sample_weight: jax.Array | None = None, *, C, n_train=None, valid=None):
     """(loss, grads) of `batch_loss`; grads of `mean`/`scale` are zero.
 
-    For data parallelism call this per device, `lax.pmean` the grads (and loss) over the
-    device axis, then `apply_update`: with equal per-device batches that is exactly the
-    step on the concatenated batch (pass n_train = the whole training set size).
+    For data parallelism with equal per-device batches, `lax.pmean` of these grads is the
+    step on the concatenated batch; `make_train_step(axis_name=...)` is exact for unequal
+    valid counts too (it sums before dividing).
     """
     return jax.value_and_grad(batch_loss)(params, features, labels, sample_weight,
-                                          C=C, n_train=n_train)
+                                          C=C, n_train=n_train, valid=valid)
 
 
 def apply_update(tx: optax.GradientTransformation, params: ProbeParams, opt_state, grads):
@@ -128,25 +156,32 @@ def apply_update(tx: optax.GradientTransformation, params: ProbeParams, opt_stat
 
 def make_train_step(tx: optax.GradientTransformation, *, C: float, num_classes: int,
                     n_train: int | None = None, axis_name: str | None = None) -> Callable:
-    """A pure `step(params, opt_state, features, labels, sample_weight=None) ->
-    (params, opt_state, loss)` to jit, pmap or fuse into a bigger step.
+    """A pure `step(params, opt_state, features, labels, sample_weight=None, valid=None)
+    -> (params, opt_state, loss)` to jit, pmap or fuse into a bigger step (the fused
+    feature -> probe step of `steps.py` and its cached twin both use it).
 
-    The loss is `batch_loss` (mean over the batch + L2 / (2 C n_train)). With `axis_name`,
-    loss and grads are `lax.pmean`-ed over that axis before the update, so under
-    `jax.pmap(step, axis_name=...)` every device applies the same update.
+    The loss is `batch_loss`. With `axis_name`, the weighted sums, their gradients and the
+    valid counts are `psum`-ed over that axis before dividing, so under
+    `jax.pmap(step, axis_name=...)` every device applies the update of the whole batch.
     """
     expected = num_outputs(num_classes)
 
-    def step(params, opt_state, features, labels, sample_weight=None):
+    def step(params, opt_state, features, labels, sample_weight=None, valid=None):
         if params.w.shape[-1] != expected:
             raise ValueError(f'params have {params.w.shape[-1]} logits but num_classes='
                              f'{num_classes} needs {expected}')
-        loss, grads = loss_and_grad(params, features, labels, sample_weight, C=C,
-                                    n_train=n_train)
+        num, g_num = jax.value_and_grad(_weighted_sum)(params, features, labels,
+                                                       sample_weight, valid)
+        count = _count(features, valid)
         if axis_name is not None:
-            loss, grads = jax.lax.pmean((loss, grads), axis_name)
-        params, opt_state = apply_update(tx, params, opt_state, grads)
-        return params, opt_state, loss
+            num, g_num, count = jax.lax.psum((num, g_num, count), axis_name)
+        count = jnp.maximum(count, 1.0)
+        n = count if n_train is None else n_train
+        reg, g_reg = jax.value_and_grad(lambda p: l2_penalty(p, C) / n)(params)
+        grads = jax.tree.map(lambda a, b: a / count + b, g_num, g_reg)
+        with jax.named_scope('probe_update'):
+            params, opt_state = apply_update(tx, params, opt_state, grads)
+        return params, opt_state, num / count + reg
 
     return step
 
@@ -459,10 +494,8 @@ def fit_grid(x, y, Cs: Sequence[float], *, num_classes: int | None = None,
 
 def select_C(grid: ProbeParams, Cs: Sequence[float], x_val, y_val, *,
              metric: str = 'macro_f1') -> tuple[int, list[float]]:
-    """Index of the best C on validation by `metric` (a `metrics.METRICS` name) and every
+    """Index of the best C on validation by `metric` (a `metrics` registry name) and every
     score; ties keep the first, i.e. the smallest C when Cs ascend (stronger L2)."""
-    from mosaic_jax import metrics
-
     fn = metrics.get(metric)
     y_val = np.asarray(y_val)
     scores = [float(fn(y_val, np.asarray(predict_proba(take(grid, i), x_val))))

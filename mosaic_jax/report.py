@@ -2,7 +2,10 @@
 
 Reads only what results.py writes: `<model>/_runs/<run_id>/{summary.csv, config.json,
 timings.json}` and the MOSAIC-layout `sae_/hidden_classifier_results.json` of each
-dataset x layer x width. One section per model (its latest run) and dataset.
+dataset x layer x width. One section per model (its latest run) and dataset; the figures
+are drawn by report_plots.py. Variant names (`variants.Variant.name`, in summary.csv and
+the JSON `variants` keys alike) are only compared whole: layer, width, pooling, top_n,
+binarization, `selected` and `<metric>_lo/_hi` are read from their own summary columns.
 """
 from __future__ import annotations
 
@@ -11,32 +14,32 @@ import dataclasses
 import datetime
 import hashlib
 import html
-import io
 import math
 import os
 import re
-import tempfile
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from mosaic_jax import checkpoint
+from mosaic_jax import report_plots
 from mosaic_jax import results
+from mosaic_jax import variants
 
 REPORT_NAME = 'report.html'
 FILES_DIR = 'report_files'
-HEADLINE = 'macro_f1'  # the paper's headline metric
+HEADLINE = report_plots.METRIC  # the paper's headline metric (macro-F1)
 METRICS = ('macro_f1', 'accuracy', 'roc_auc')
 METRIC_NAMES = {'macro_f1': 'macro-F1', 'accuracy': 'accuracy', 'roc_auc': 'AUC'}
 TOP_K = 10  # features listed per class
-MAX_BAR_CLASSES = 6  # classes drawn in the feature bar chart (the table lists all)
 MAX_HEATMAP_PANELS = 12  # beyond this, only the selected layer/width gets a heatmap
 GEMMA_SCOPE_PREFIX = 'google/gemma-scope-'
 NEURONPEDIA = 'https://www.neuronpedia.org/{model}/{layer}-gemmascope-res-{width}/{index}'
-KIND_COLORS = {'sae': 'tab:blue', 'fused': 'tab:cyan', 'hidden': 'tab:orange',
-               'tfidf': 'tab:gray', 'tree': 'tab:green'}
+HIDDEN_NAMES = tuple(v for v, _ in report_plots.HIDDEN_VARIANTS)  # 'hidden_last', ...
+BASIS_TEXT = {'validation': 'validation macro-F1', 'test': 'test macro-F1',
+              'run': 'marked selected by the run'}
+TRUE = ('True', 'true', '1')  # how a bool reads back from summary.csv
 
 
 # ----------------------------------------------------------------------------------------
@@ -78,19 +81,25 @@ def _int_or_none(s: str) -> int | None:
 
 
 def _parse_row(r: dict) -> dict:
-    """A summary.csv row (all strings) -> typed values; '-' / '' become None or NaN."""
+    """A summary.csv row (all strings) -> typed values; '-' / '' become None or NaN.
+
+    Optional columns, absent from older summaries: `top_n` (None), `selected` (False: the
+    report then selects itself) and `<metric>_lo` / `<metric>_hi` (NaN: no interval).
+    """
     width = r.get('width') or ''
+    pooling = r.get('pooling') or ''
     return dict(
-        dataset=r['dataset'], kind=r['kind'],
-        # Tree rows name the variant 'mean/bin', probe rows 'mean+bin' (pipeline.py).
-        variant=(r.get('variant') or '').replace('/bin', '+bin'),
+        dataset=r['dataset'], kind=r['kind'], variant=r.get('variant') or '',
         layer=_int_or_none(r.get('layer')),
         width=None if width in ('', '-') else width,
-        pooling=r.get('pooling') or None, binarized=r.get('binarized') == 'True',
+        pooling=None if pooling in ('', '-') else pooling,
+        top_n=_int_or_none(r.get('top_n')),
+        binarized=r.get('binarized') in TRUE, selected=r.get('selected') in TRUE,
         C=None if math.isnan(_float(r.get('C'))) else _float(r.get('C')),
         n_train=_int_or_none(r.get('n_train')), n_test=_int_or_none(r.get('n_test')),
         seconds=_float(r.get('seconds')),
-        **{m: _float(r.get(m)) for m in METRICS})
+        **{m: _float(r.get(m)) for m in METRICS},
+        **{f'{m}_{end}': _float(r.get(f'{m}_{end}')) for m in METRICS for end in ('lo', 'hi')})
 
 
 def read_summary(path: str) -> list[dict]:
@@ -170,16 +179,21 @@ def dataset_views(workdir: str, run: Run) -> list[DatasetView]:
 # What the tables and plots show
 # ----------------------------------------------------------------------------------------
 
+def _hidden_name(layer: int, key: str) -> str:
+    """A hidden JSON `variants` key as its summary name; older workdirs wrote 'last'."""
+    return key if key.startswith('hidden_') else variants.HiddenVariant(layer, key).name
+
+
 def _val_scores(view: DatasetView) -> dict[tuple, float]:
     """(kind, layer, width, variant) -> validation macro-F1, from the JSON `variants`."""
     out = {}
     for (layer, width), js in view.sae_json.items():
         for name, v in js.get('variants', {}).items():
-            out['sae', layer, width, name.replace('/bin', '+bin')] = _float(
-                v.get('val', {}).get(HEADLINE))
+            out['sae', layer, width, name] = _float(v.get('val', {}).get(HEADLINE))
     for layer, js in view.hidden_json.items():
-        for pool, v in js.get('variants', {}).items():
-            out['hidden', layer, None, f'hidden_{pool}'] = _float(v.get('val', {}).get(HEADLINE))
+        for key, v in js.get('variants', {}).items():
+            out['hidden', layer, None, _hidden_name(layer, key)] = _float(
+                v.get('val', {}).get(HEADLINE))
     return out
 
 
@@ -201,8 +215,20 @@ def select(rows: list[dict], val: dict[tuple, float]) -> tuple[dict | None, str]
     return max(rows, key=lambda r: -math.inf if math.isnan(r[HEADLINE]) else r[HEADLINE]), 'test'
 
 
+def _choose(rows: list[dict], val: dict[tuple, float], marked: bool) -> tuple[dict | None, str]:
+    """`select`, unless the run marked rows of this kind `selected`: then its mark wins.
+
+    Returns:
+      (row or None, 'run' | 'validation' | 'test').
+    """
+    chosen = [r for r in rows if r['selected']] if marked else []
+    if chosen:  # more than one mark per kind: our rule among the marked rows
+        return (chosen[0] if len(chosen) == 1 else select(chosen, val)[0]), 'run'
+    return select(rows, val)
+
+
 def best_per_cell(view: DatasetView, kind: str = 'sae') -> dict[tuple[int, str], dict]:
-    """(layer, width) -> the selected `kind` row of that SAE (pipeline's best variant)."""
+    """(layer, width) -> the selected `kind` row of that SAE (the run's best variant)."""
     val = _val_scores(view)
     cells: dict[tuple[int, str], list[dict]] = {}
     for r in view.rows:
@@ -211,48 +237,82 @@ def best_per_cell(view: DatasetView, kind: str = 'sae') -> dict[tuple[int, str],
     return {k: select(v, val)[0] for k, v in cells.items()}
 
 
+def _probe_kind(view: DatasetView) -> str:
+    """'sae' (cached training: many variants) or, for a fused-only run, 'fused'."""
+    return 'sae' if any(r['kind'] == 'sae' for r in view.rows) else 'fused'
+
+
 def headline(view: DatasetView) -> list[dict]:
     """The headline table: one entry per method, each its best row over layers/widths.
 
+    Where summary.csv marks rows `selected` (one per kind and dataset), the entry of that
+    kind is the marked row: hidden states then get one entry per marked row, named by its
+    variant. Kinds without marks are selected here (`select`).
+
     Returns:
       dicts with 'method', 'row' (None when the run has no such result) and 'basis'
-      ('validation' | 'test': what the layer/width/variant was selected on).
+      ('run' | 'validation' | 'test': who or what chose the layer/width/variant).
     """
     val = _val_scores(view)
+    marked = {r['kind'] for r in view.rows if r['selected']}
+    of = {k: [r for r in view.rows if r['kind'] == k] for k in
+          ('sae', 'fused', 'hidden', 'tfidf', 'tree')}
     out = []
 
-    def add(method, rows):
-        row, basis = select(rows, val)
+    def add(method, kind, rows):
+        row, basis = _choose(rows, val, kind in marked)
         out.append(dict(method=method, row=row, basis=basis))
         return row, basis
 
-    sae, sae_basis = add('SAE probe (best variant)', [r for r in view.rows if r['kind'] == 'sae'])
-    fused = [r for r in view.rows if r['kind'] == 'fused']
-    if fused:
-        add('SAE fused probe', fused)
-    for v in ('hidden_last', 'hidden_mean'):
-        add(v, [r for r in view.rows if r['kind'] == 'hidden' and r['variant'] == v])
-    add('TF-IDF', [r for r in view.rows if r['kind'] == 'tfidf'])
+    sae, sae_basis = add('SAE probe (best variant)', 'sae', of['sae'])
+    if of['fused']:
+        add('SAE fused probe', 'fused', of['fused'])
+    if 'hidden' in marked:
+        out += [dict(method=r['variant'] or 'hidden', row=r, basis='run')
+                for r in of['hidden'] if r['selected']]
+    else:
+        for v in HIDDEN_NAMES:
+            add(v, 'hidden', [r for r in of['hidden'] if r['variant'] == v])
+    add('TF-IDF', 'tfidf', of['tfidf'])
     # The tree is interpretable only next to the probe it explains: same layer/width.
-    trees = [r for r in view.rows if r['kind'] == 'tree']
-    same = [t for t in trees if sae and (t['layer'], t['width']) == (sae['layer'], sae['width'])]
-    if same:
+    same = [t for t in of['tree']
+            if sae and (t['layer'], t['width']) == (sae['layer'], sae['width'])]
+    if same and 'tree' not in marked:
         out.append(dict(method='decision tree (SAE features)', row=same[0], basis=sae_basis))
     else:
-        add('decision tree (SAE features)', trees)
+        add('decision tree (SAE features)', 'tree', of['tree'])
     return out
 
 
-def _layer_sort(values) -> list:
-    return sorted({v for v in values if v is not None})
+def overlap_notes(heads: list[dict]) -> list[str]:
+    """One sentence per other method: does its macro-F1 interval overlap the SAE probe's?
 
-
-def _width_value(width: str) -> tuple:
-    """'16k' -> 16384 for ordering widths ('1m' after '131k'); unknown names sort last."""
-    m = re.fullmatch(r'(\d+)([kKmM]?)', str(width))
-    if not m:
-        return (1, str(width))
-    return (0, int(m.group(1)) * {'': 1, 'k': 1024, 'm': 1024 ** 2}[m.group(2).lower()])
+    The reference is the SAE probe row, or the fused probe's in a fused-only run. Returns
+    [] when no headline row has an interval (runs that did not record them).
+    """
+    rows = [h['row'] for h in heads if h['row'] is not None]
+    if not any(report_plots.interval(r) for r in rows):
+        return []
+    ref = next((h for h in heads[:2] if h['row'] is not None
+                and h['method'].startswith('SAE')), None)
+    ref_iv = report_plots.interval(ref['row']) if ref else None
+    if ref_iv is None:
+        return ['The SAE probe has no macro-F1 interval: no overlap check.']
+    notes = []
+    for h in heads:
+        if h is ref or h['row'] is None:
+            continue
+        iv = report_plots.interval(h['row'])
+        if iv is None:
+            notes.append(f"{h['method']}: no macro-F1 interval to compare.")
+        elif iv[0] <= ref_iv[1] and ref_iv[0] <= iv[1]:
+            notes.append(f"{h['method']} vs {ref['method']}: intervals overlap: "
+                         f"the difference is within noise.")
+        else:
+            side = 'higher' if iv[0] > ref_iv[1] else 'lower'
+            notes.append(f"{h['method']} vs {ref['method']}: no overlap ({h['method']} "
+                         f"is {side}).")
+    return notes
 
 
 def neuronpedia_model_id(config: dict) -> str | None:
@@ -296,150 +356,6 @@ def top_features(linear_probe: dict, class_names: list[str], k: int = TOP_K
 
 
 # ----------------------------------------------------------------------------------------
-# Plots (matplotlib's object API with the Agg canvas: no pyplot global state)
-# ----------------------------------------------------------------------------------------
-
-def _figure(w: float, h: float) -> Figure:
-    fig = Figure(figsize=(w, h), dpi=100, layout='constrained')
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _mpl(s: Any) -> str:
-    return str(s).replace('$', r'\$')  # '$' pairs would start matplotlib mathtext
-
-
-def _probe_kind(view: DatasetView) -> str:
-    """'sae' (cached training: many variants) or, for a fused-only run, 'fused'."""
-    return 'sae' if any(r['kind'] == 'sae' for r in view.rows) else 'fused'
-
-
-def plot_by_layer(view: DatasetView) -> Figure | None:
-    """Test macro-F1 against layer: one line per SAE width, hidden baselines dashed."""
-    cells = best_per_cell(view, _probe_kind(view))
-    if not cells:
-        return None
-    fig = _figure(6.4, 3.8)
-    ax = fig.add_subplot()
-    for width in sorted({w for _, w in cells}, key=_width_value):
-        pts = sorted((l, r[HEADLINE]) for (l, w), r in cells.items() if w == width)
-        ax.plot(*zip(*pts), marker='o', label=_mpl(f'SAE {width}'))
-    for variant, marker in (('hidden_last', 's'), ('hidden_mean', 'D')):
-        pts = sorted((r['layer'], r[HEADLINE]) for r in view.rows
-                     if r['variant'] == variant and r['layer'] is not None)
-        if pts:
-            ax.plot(*zip(*pts), ls='--', marker=marker, label=variant)
-    for r in view.rows:
-        if r['kind'] == 'tfidf' and not math.isnan(r[HEADLINE]):
-            ax.axhline(r[HEADLINE], ls=':', color=KIND_COLORS['tfidf'], label='TF-IDF')
-    ax.set_xticks(_layer_sort(l for l, _ in cells))
-    ax.set(xlabel='layer', ylabel='test macro-F1', title=_mpl(view.name))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize='small', loc='best')
-    return fig
-
-
-def plot_bars(view: DatasetView) -> Figure | None:
-    """Horizontal bars: best SAE variant per layer/width, hidden baselines per layer, TF-IDF."""
-    bars, kind = [], _probe_kind(view)
-    for (layer, width), r in sorted(best_per_cell(view, kind).items(),
-                                    key=lambda kv: (kv[0][0], _width_value(kv[0][1]))):
-        bars.append((f'SAE L{layer} {width} ({r["variant"]})', r[HEADLINE], kind))
-    for r in sorted((r for r in view.rows if r['kind'] == 'hidden'),
-                    key=lambda r: (r['variant'], r['layer'] or 0)):
-        bars.append((f"{r['variant']} L{r['layer']}", r[HEADLINE], 'hidden'))
-    bars += [('TF-IDF', r[HEADLINE], 'tfidf') for r in view.rows if r['kind'] == 'tfidf']
-    if not bars:
-        return None
-    fig = _figure(6.4, 1.2 + 0.32 * len(bars))
-    ax = fig.add_subplot()
-    y = np.arange(len(bars))[::-1]  # first bar on top
-    vals = np.array([b[1] for b in bars], float)
-    ax.barh(y, np.nan_to_num(vals), color=[KIND_COLORS[b[2]] for b in bars])
-    for yi, v in zip(y, vals):
-        ax.text(np.nan_to_num(v) + 0.01, yi, '-' if math.isnan(v) else f'{v:.3f}', va='center', fontsize=8)
-    ax.set_yticks(y, [_mpl(b[0]) for b in bars], fontsize=8)
-    ax.set(xlim=(0, 1.12), xlabel='test macro-F1', title=_mpl(view.name))
-    ax.grid(axis='x', alpha=0.3)
-    return fig
-
-
-def plot_heatmaps(view: DatasetView, only: tuple[int, str] | None = None) -> Figure | None:
-    """Test macro-F1 of every pooling x binarization, one panel per layer/width."""
-    rows = [r for r in view.rows if r['kind'] == 'sae'
-            and (only is None or (r['layer'], r['width']) == only)]
-    if not rows:
-        return None
-    layers = _layer_sort(r['layer'] for r in rows)
-    widths = sorted({r['width'] for r in rows}, key=_width_value)
-    pools = list(dict.fromkeys(r['pooling'] for r in rows))
-    bins = sorted({r['binarized'] for r in rows})
-    vals = [r[HEADLINE] for r in rows if not math.isnan(r[HEADLINE])]
-    vmin, vmax = (min(vals), max(vals)) if vals else (0.0, 1.0)
-    fig = _figure(1.2 + 2.3 * len(widths) * max(1, len(bins)) / 2,
-                  0.9 + (0.45 * len(pools) + 0.6) * len(layers))
-    axes = fig.subplots(len(layers), len(widths), squeeze=False)
-    image = None
-    for i, layer in enumerate(layers):
-        for j, width in enumerate(widths):
-            ax = axes[i][j]
-            grid = np.full((len(pools), len(bins)), np.nan)
-            for r in rows:
-                if (r['layer'], r['width']) == (layer, width):
-                    grid[pools.index(r['pooling']), bins.index(r['binarized'])] = r[HEADLINE]
-            image = ax.imshow(np.ma.masked_invalid(grid), vmin=vmin, vmax=vmax + 1e-9,
-                              cmap='viridis', aspect='auto')
-            for (a, b), v in np.ndenumerate(grid):
-                if not math.isnan(v):
-                    ax.text(b, a, f'{v:.3f}', ha='center', va='center', fontsize=8,
-                            color='white' if v < (vmin + vmax) / 2 else 'black')
-            ax.set_xticks(range(len(bins)), ['binarized' if b else 'raw' for b in bins],
-                          fontsize=8)
-            ax.set_yticks(range(len(pools)), [_mpl(p) for p in pools], fontsize=8)
-            ax.set_title(_mpl(f'layer {layer}, {width}'), fontsize=9)
-    fig.colorbar(image, ax=axes, label='test macro-F1', shrink=0.8)
-    fig.suptitle(_mpl(view.name), fontsize=10)
-    return fig
-
-
-def plot_top_features(tops: dict[str, list[tuple[int, float]]], title: str) -> Figure | None:
-    classes = list(tops)[:MAX_BAR_CLASSES]
-    if not classes:
-        return None
-    ncols = min(len(classes), 3)
-    nrows = -(-len(classes) // ncols)
-    fig = _figure(3.3 * ncols, 0.6 + 2.9 * nrows)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for ax in axes.flat[len(classes):]:
-        ax.set_axis_off()
-    for ax, c in zip(axes.flat, classes):
-        feats = tops[c]
-        y = np.arange(len(feats))[::-1]
-        ax.barh(y, [w for _, w in feats], color='tab:blue')
-        ax.set_yticks(y, [f'#{i}' for i, _ in feats], fontsize=8)
-        ax.set_title(_mpl(f'class {c}'), fontsize=9)
-        ax.set_xlabel('probe weight', fontsize=8)
-        ax.tick_params(axis='x', labelsize=7)
-    fig.suptitle(_mpl(title), fontsize=10)
-    return fig
-
-
-def _write_png(fig: Figure, path: str) -> None:
-    """Atomic like checkpoint.atomic_write_text: temp file in the same folder + rename."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format='png')
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix='.png')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-# ----------------------------------------------------------------------------------------
 # HTML
 # ----------------------------------------------------------------------------------------
 
@@ -463,6 +379,14 @@ def _fmt(v: Any) -> str:
     return f'{v:.3f}' if isinstance(v, float) else str(v)
 
 
+def _fmt_score(r: dict, metric: str) -> str:
+    """'0.812 [0.760, 0.861]' when the row has an interval for `metric`, else '0.812'."""
+    iv = report_plots.interval(r, metric)
+    if iv is None or math.isnan(r[metric]):
+        return _fmt(r[metric])
+    return f'{r[metric]:.3f} [{iv[0]:.3f}, {iv[1]:.3f}]'
+
+
 def _missing(what: str) -> str:
     return f'<p class="missing">{html.escape(what)}</p>'
 
@@ -484,28 +408,35 @@ class _Page:
         name = re.sub(r'[^A-Za-z0-9._-]+', '_', stem)[:80]
         # Two names can slug alike ('a/b', 'a_b'): a hash of the raw stem keeps them apart.
         name += '-' + hashlib.sha1(stem.encode()).hexdigest()[:8] + '.png'
-        _write_png(fig, os.path.join(self.files_dir, name))
+        report_plots.write_png(fig, os.path.join(self.files_dir, name))
         src = html.escape(f'{FILES_DIR}/{name}')
         self.add(f'<figure><img src="{src}" alt="{html.escape(alt)}"></figure>')
 
 
-def _headline_html(view: DatasetView) -> str:
+def _headline_html(heads: list[dict]) -> str:
+    """The headline table, then the interval-overlap sentences when the run has intervals."""
     rows = []
-    for h in headline(view):
+    for h in heads:
         r = h['row']
         if r is None:
             rows.append([h['method']] + ['-'] * 7 + ['not in this run'])
             continue
         C = '-' if r['C'] is None else f"{r['C']:g}"
         rows.append([h['method'], _fmt(r['layer']), _fmt(r['width']), r['variant'] or '-', C,
-                     *(_fmt(r[m]) for m in METRICS), f"{h['basis']} macro-F1"])
-    return _table(['method', 'layer', 'width', 'variant', 'C',
-                   *(METRIC_NAMES[m] for m in METRICS), 'selected on'], rows, 'headline')
+                     *(_fmt_score(r, m) for m in METRICS), BASIS_TEXT[h['basis']]])
+    out = _table(['method', 'layer', 'width', 'variant', 'C',
+                  *(METRIC_NAMES[m] for m in METRICS), 'selected on'], rows, 'headline')
+    notes = overlap_notes(heads)
+    if notes:
+        out += ('<p>Macro-F1 intervals against the SAE probe:</p><ul class="overlap">'
+                + ''.join(f'<li>{html.escape(n)}</li>' for n in notes) + '</ul>')
+    return out
 
 
-def _features_html(page: _Page, run: Run, view: DatasetView, stem: str) -> None:
+def _features_html(page: _Page, run: Run, view: DatasetView, best: dict | None,
+                   stem: str) -> None:
+    """Top features of `best` (the headline SAE probe row) per class: table and chart."""
     page.add('<h4>Top SAE features per class</h4>')
-    best = headline(view)[0]['row']
     if best is None:
         page.add(_missing('No cached-training SAE probe in this run: no feature weights.'))
         return
@@ -532,7 +463,7 @@ def _features_html(page: _Page, run: Run, view: DatasetView, stem: str) -> None:
         if not model_id:
             return _Html(text)
         # The SAE's layer is the config layer filled into sae.source, whatever the
-        # layer_convention (pipeline.resolve_sae_source).
+        # layer_convention (assets.resolve_sae_source).
         url = NEURONPEDIA.format(model=model_id, layer=best['layer'], width=best['width'],
                                  index=i)
         return _Html(f'<a href="{html.escape(url)}">{text}</a>')
@@ -541,11 +472,37 @@ def _features_html(page: _Page, run: Run, view: DatasetView, stem: str) -> None:
     table = [[rank + 1] + [link(*tops[c][rank]) if rank < len(tops[c]) else '' for c in classes]
              for rank in range(max(len(v) for v in tops.values()))]
     page.add(_table(['rank'] + [f'class {c}' for c in classes], table, 'features'))
-    if len(classes) > MAX_BAR_CLASSES:
-        page.add(_missing(f'The chart shows the first {MAX_BAR_CLASSES} of {len(classes)} '
-                          f'classes; the table lists all.'))
-    page.figure(plot_top_features(tops, f'{view.name}: {where}'), f'{stem}-features',
-                f'top features {view.name}', 'No features to plot.')
+    if len(classes) > report_plots.MAX_BAR_CLASSES:
+        page.add(_missing(f'The chart shows the first {report_plots.MAX_BAR_CLASSES} of '
+                          f'{len(classes)} classes; the table lists all.'))
+    page.figure(report_plots.plot_top_features(tops, f'{view.name}: {where}'),
+                f'{stem}-features', f'top features {view.name}', 'No features to plot.')
+
+
+def _plots_html(page: _Page, view: DatasetView, best: dict | None, stem: str) -> None:
+    """The by-layer lines, the method bars and the pooling heatmaps of one dataset."""
+    kind = _probe_kind(view)
+    cells = best_per_cell(view, kind)
+    page.add('<h4>Macro-F1 by layer and width</h4>')
+    layers = report_plots.layer_sort(r['layer'] for r in view.rows
+                                     if r['kind'] in ('sae', 'fused'))
+    if len(layers) == 1:
+        page.add(_missing(f'Only layer {layers[0]} was run: no trend across layers.'))
+    page.figure(report_plots.plot_by_layer(view.name, view.rows, cells), f'{stem}-by_layer',
+                f'macro-F1 by layer {view.name}', 'No SAE probe results to plot by layer.')
+    page.add('<h4>SAE vs hidden states vs TF-IDF</h4>')
+    page.figure(report_plots.plot_bars(view.name, view.rows, cells, kind), f'{stem}-bars',
+                f'method comparison {view.name}', 'No results to compare.')
+    page.add('<h4>Pooling x binarization</h4>')
+    n_cells = len(best_per_cell(view))
+    only = None
+    if n_cells > MAX_HEATMAP_PANELS and best is not None:
+        only = (best['layer'], best['width'])
+        page.add(_missing(f'{n_cells} layer/width pairs: showing only the selected one '
+                          f'(layer {only[0]}, {only[1]}).'))
+    page.figure(report_plots.plot_heatmaps(view.name, view.rows, only), f'{stem}-heatmap',
+                f'pooling heatmap {view.name}',
+                'No SAE probe variants (cached training) to show.')
 
 
 def _dataset_html(page: _Page, run: Run, view: DatasetView) -> None:
@@ -554,38 +511,22 @@ def _dataset_html(page: _Page, run: Run, view: DatasetView) -> None:
     n = next((r for r in view.rows if r['n_test'] is not None), None)
     if n:
         page.add(f"<p>{n['n_train']} training / {n['n_test']} test texts.</p>")
-    page.add(_headline_html(view))
-    missing = [v for v in ('hidden_last', 'hidden_mean', 'tfidf', 'tree')
+    heads = headline(view)
+    page.add(_headline_html(heads))
+    missing = [v for v in (*HIDDEN_NAMES, 'tfidf', 'tree')
                if not any(r['variant'] == v or r['kind'] == v for r in view.rows)]
     if missing:
         page.add(_missing(f"Not in this run: {', '.join(missing)}."))
-
-    page.add('<h4>Macro-F1 by layer and width</h4>')
-    layers = _layer_sort(r['layer'] for r in view.rows if r['kind'] in ('sae', 'fused'))
-    if len(layers) == 1:
-        page.add(_missing(f'Only layer {layers[0]} was run: no trend across layers.'))
-    page.figure(plot_by_layer(view), f'{stem}-by_layer', f'macro-F1 by layer {view.name}',
-                'No SAE probe results to plot by layer.')
-    page.add('<h4>SAE vs hidden states vs TF-IDF</h4>')
-    page.figure(plot_bars(view), f'{stem}-bars', f'method comparison {view.name}',
-                'No results to compare.')
-    page.add('<h4>Pooling x binarization</h4>')
-    cells = best_per_cell(view)
-    only = None
-    if len(cells) > MAX_HEATMAP_PANELS:
-        only_row = headline(view)[0]['row']
-        only = (only_row['layer'], only_row['width'])
-        page.add(_missing(f'{len(cells)} layer/width pairs: showing only the selected one '
-                          f'(layer {only[0]}, {only[1]}).'))
-    page.figure(plot_heatmaps(view, only), f'{stem}-heatmap', f'pooling heatmap {view.name}',
-                'No SAE probe variants (cached training) to show.')
-    _features_html(page, run, view, stem)
+    best = heads[0]['row']  # the SAE probe (cached training) of the headline
+    _plots_html(page, view, best, stem)
+    _features_html(page, run, view, best, stem)
     all_rows = [[r['layer'] if r['layer'] is not None else '-', r['width'] or '-', r['kind'],
                  r['variant'], '-' if r['C'] is None else f"{r['C']:g}",
-                 *(_fmt(r[m]) for m in METRICS), _fmt(r['seconds'])] for r in view.rows]
+                 *(_fmt_score(r, m) for m in METRICS), _fmt(r['seconds']),
+                 'yes' if r['selected'] else ''] for r in view.rows]
     page.add('<details><summary>All results of this dataset</summary>' + _table(
         ['layer', 'width', 'kind', 'variant', 'C', *(METRIC_NAMES[m] for m in METRICS),
-         'seconds'], all_rows, 'all') + '</details>')
+         'seconds', 'selected'], all_rows, 'all') + '</details>')
 
 
 def _run_html(page: _Page, workdir: str, run: Run) -> None:
@@ -626,7 +567,7 @@ def build(workdir: str, *, run_id: str | None = None) -> str:
     """Writes `<workdir>/report.html` (+ PNGs in `<workdir>/report_files/`).
 
     Args:
-      workdir: a results workdir (config.workdir of `pipeline.run`).
+      workdir: a results workdir (config.workdir of `experiment.run`).
       run_id: report this run of every model that has it; None = each model's latest.
     Returns:
       the path of the written report.html.
@@ -640,8 +581,9 @@ def build(workdir: str, *, run_id: str | None = None) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')
     page.add(f'<h1>mosaic_jax report</h1><p>{html.escape(os.path.abspath(workdir))}, '
              f'generated {now}. Headline metric: test macro-F1; the layer, width and '
-             f'variant of each method are selected on validation macro-F1 when the run '
-             f'recorded it.</p>')
+             f'variant of each method are the ones the run marked selected, else selected '
+             f'here on validation macro-F1 when the run recorded it. Brackets give the '
+             f'uncertainty interval the run recorded for a score.</p>')
     page.add('<ul>' + ''.join(f'<li>{html.escape(r.model)} (run {html.escape(r.run_id)}): '
                               f'{len({x["dataset"] for x in r.rows})} dataset(s)</li>'
                               for r in runs) + '</ul>')

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mosaic_jax import checkpoint, data, sae, sae_train  # noqa: E402
+from mosaic_jax import checkpoint, data, sae, sae_train, splits  # noqa: E402
 
 MODEL = 'gemma3_270m'
 # The paper's Gemma 2 2B layers 5/12/19 of 26 blocks, scaled to 18 blocks.
@@ -80,7 +80,7 @@ def select_texts(tokenizer) -> dict:
             continue
         try:
             ds = data.load(f'{data.SAE_PROBES_PREFIX}{name}')
-            train_idx, _, _ = data.split(ds.labels, SPLIT_SEED, FRACTIONS)
+            train_idx, _, _ = splits.split(ds.labels, SPLIT_SEED, FRACTIONS)
         except ValueError as e:  # continuous targets, one-class sets: no probe split
             skipped[name] = str(e).split(';')[0][:120]
             continue

@@ -2,7 +2,7 @@
 
   python tests/multihost_worker.py MODEL_DIR SAE_FOLDER OUT_DIR PORT PROCESS_ID
 PROCESS_ID -1 runs alone. Writes OUT_DIR/features_{mh,1p}.npz (process 0) and a results
-workdir OUT_DIR/{mh,1p}/ through pipeline.run.
+workdir OUT_DIR/{mh,1p}/ through experiment.run.
 """
 import os
 import sys
@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 from configs import tiny  # noqa: E402
-from mosaic_jax import data, models, pipeline  # noqa: E402
+from mosaic_jax import assets, data, experiment, parallel, steps  # noqa: E402
 
 
 def main(model_dir, folder, out, port, pid):
@@ -33,26 +33,26 @@ def main(model_dir, folder, out, port, pid):
         c.parallel.coordinator_address = f'127.0.0.1:{port}'
         c.parallel.num_processes = 2
         c.parallel.process_id = pid
-    pipeline.init_distributed(c.parallel)
+    parallel.init_distributed(c.parallel)
     assert jax.device_count() == (4 if pid >= 0 else 1), jax.devices()
 
-    model, tok = pipeline._load_model(c)
-    saes = pipeline.load_saes(c, model.config.embed_dim)
-    spec = pipeline.FeatureSpec(
-        layers=tuple(c.layers), saes=tuple((k, i) for i, k in enumerate(saes)),
+    model, tok = assets.load_model(c)
+    saes = assets.load_saes(c, model.config.embed_dim)
+    spec = steps.FeatureSpec.build(
+        layers=tuple(c.layers), config_layers=tuple(c.layers), saes=saes,
         pooling=tuple(c.features.pooling), binarize=tuple(c.features.binarize),
         top_n=0, threshold=1.0, chunk_size=0, hidden=('last',))
     ds = data.load(c.data.datasets[0], max_rows=c.data.max_rows, seed=c.seed)
     ids, _ = data.tokenize(ds.texts, tok, c.model.max_length)
-    devices = pipeline.Devices('mesh')
-    ex = pipeline.Extractor(model, saes, spec, devices)
-    feats = pipeline.extract(ex, data.batches(ids, 16, pad_id=tok.pad_token_id, multiple_of=4),
-                             len(ids), bos_id=tok.bos_token_id, include_special=False,
-                             progress=False)
+    devices = parallel.Devices('mesh')
+    ex = steps.Extractor(model, saes, spec, devices)
+    feats = steps.extract(ex, data.batches(ids, 16, pad_id=tok.pad_token_id, multiple_of=4),
+                          len(ids), bos_id=tok.bos_token_id, include_special=False,
+                          progress=False)
     if jax.process_index() == 0:
         np.savez(os.path.join(out, f'features_{tag}.npz'),
-                 **{k.replace('/', '__'): v for k, v in feats.items()})
-    pipeline.run(c)
+                 **{k.full_name.replace('/', '__'): v for k, v in feats.items()})
+    experiment.run(c)
 
 
 if __name__ == '__main__':

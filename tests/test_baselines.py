@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from mosaic_jax import baselines, data
+from mosaic_jax import baselines, data, splits
 
 
 def test_unknown_baseline_lists_valid_names():
@@ -13,7 +13,7 @@ def test_unknown_baseline_lists_valid_names():
 
 def test_tfidf_on_real_toxic_is_beats_chance():
     d = data.load('sae_probes:95_toxic_is')
-    tr, va, te = data.split(d.labels, seed=0)
+    tr, va, te = splits.split(d.labels, seed=0)
     texts = lambda idx: [d.texts[i] for i in idx]
     out = baselines.run('tfidf', texts(tr), d.labels[tr], texts(te), texts(va),
                         num_classes=d.num_classes)

@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 
 from configs import gemma3_270m
-from mosaic_jax import pipeline
+from mosaic_jax import assets
 from mosaic_jax import sae as sae_lib
+from mosaic_jax.variants import parse_width
 
 CONFIG = gemma3_270m.get_config()
-GRID = pipeline.sae_grid(CONFIG)
+GRID = assets.sae_grid(CONFIG)
 
 
 def test_demo_grid_is_the_papers_depths_plus_a_width_comparison():
@@ -19,10 +20,10 @@ def test_demo_grid_is_the_papers_depths_plus_a_width_comparison():
 
 @pytest.mark.parametrize('layer,width', GRID, ids=lambda v: str(v))
 def test_shipped_sae_loads_with_metadata(layer, width):
-    src = pipeline.resolve_sae_source(CONFIG.sae.source, layer, width)
+    src = assets.resolve_sae_source(CONFIG.sae.source, layer, width)
     assert os.path.isdir(src), f'missing shipped SAE {src}'
     params = sae_lib.load_sae(src, d_model=640)
-    assert params.width == pipeline.parse_width(width)
+    assert params.width == parse_width(width)
     meta = json.load(open(os.path.join(src, 'metadata.json')))
     assert meta['layer'] == layer and meta['width'] == params.width
     for key in ('l0', 'fve', 'dead_fraction', 'loss_increase', 'training_tokens', 'date'):

@@ -8,7 +8,7 @@ from absl import flags
 from ml_collections import config_flags
 import pytest
 
-from mosaic_jax import pipeline
+from mosaic_jax import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -37,7 +37,7 @@ def test_config_parses_and_validates(path):
     if os.path.basename(path) == 'tiny.py':  # the tests supply the tiny model's files
         c.unlock()
         c.model.path, c.sae.source = '/m', '/s/{layer}'
-    pipeline.validate(c)
+    checks.validate(c)
 
 
 def test_overrides_apply():
@@ -66,8 +66,8 @@ def test_typo_in_override_fails():
 def test_invalid_combination_is_one_clear_error():
     c = parse([f'--config={ROOT}/configs/gemma2b.py', '--config.model.dtype=float16',
                "--config.features.pooling=('mean','median')"])
-    with pytest.raises(pipeline.UserError) as e:
-        pipeline.validate(c)
+    with pytest.raises(checks.UserError) as e:
+        checks.validate(c)
     assert 'float16' in str(e.value) and 'median' in str(e.value)
 
 

@@ -1,5 +1,5 @@
-"""data.py: dataset specs and loading, label encoding, splits, tokenisation, batches."""
-import logging
+"""data.py: dataset specs and loading, label encoding, tokenisation, batches (splits:
+test_splits.py)."""
 import os
 
 import numpy as np
@@ -172,33 +172,6 @@ def test_hub_offline_error_is_clear():
         pytest.skip('needs HF_HUB_OFFLINE=1 (conftest) to fail fast instead of retrying')
     with pytest.raises(ValueError, match=r"Anthropic/election_questions.*local csv"):
         data.load('election_questions')
-
-
-# ----------------------------------------------------------------------------- split
-def test_split_stratified_deterministic_disjoint_complete():
-    labels = np.repeat(np.arange(3), [500, 300, 200])
-    tr, va, te = data.split(labels, seed=0)
-    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(1000))
-    assert (len(tr), len(va), len(te)) == (700, 100, 200)
-    for idx, frac in ((tr, 0.7), (va, 0.1), (te, 0.2)):
-        # Stratified: each class gets its share of every split, up to rounding (1 row).
-        np.testing.assert_allclose(np.bincount(labels[idx], minlength=3),
-                                   frac * np.array([500, 300, 200]), atol=1)
-    again = data.split(labels, seed=0)
-    other = data.split(labels, seed=1)
-    for x, y in zip((tr, va, te), again):
-        np.testing.assert_array_equal(x, y)
-    assert not np.array_equal(te, other[2])
-
-
-def test_split_tiny_class_falls_back_with_warning(caplog):
-    labels = np.array([0] * 20 + [1] * 20 + [2])  # class 2 has one member
-    with caplog.at_level(logging.WARNING):
-        tr, va, te = data.split(labels, seed=0)
-    assert 'not stratified' in caplog.text
-    assert sorted(np.concatenate([tr, va, te]).tolist()) == list(range(41))
-    with pytest.raises(ValueError, match='summing to 1'):
-        data.split(labels, 0, fractions=(0.5, 0.1, 0.1))
 
 
 # ----------------------------------------------------------------------------- tokens

@@ -19,9 +19,11 @@ import pytest
 
 from mosaic_jax import data
 from mosaic_jax import models
-from mosaic_jax import pipeline
+from mosaic_jax import parallel
 from mosaic_jax import probe
 from mosaic_jax import sae as sae_lib
+from mosaic_jax import steps
+from mosaic_jax.variants import SAEKey, Variant
 from tests import tiny_assets
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,10 +72,10 @@ def tiny(tmp_path_factory):
 def loaded(tiny):
     model = models.load_model(tiny['model_dir'], dtype='float32')
     tok = models.load_tokenizer(tiny['model_dir'])
-    saes = {f'layer_{l}/{WIDTH}': sae_lib.load_sae(os.path.join(tiny['folder'], f'sae_layer_{l}'),
-                                                 d_model=64) for l in LAYERS}
-    spec = pipeline.FeatureSpec(
-        layers=LAYERS, saes=tuple((k, i) for i, k in enumerate(saes)),
+    saes = {SAEKey(l, str(WIDTH)): sae_lib.load_sae(
+        os.path.join(tiny['folder'], f'sae_layer_{l}'), d_model=64) for l in LAYERS}
+    spec = steps.FeatureSpec.build(
+        layers=LAYERS, config_layers=LAYERS, saes=saes,
         pooling=('mosaic', 'mean', 'max'), binarize=(False, True), top_n=0, threshold=0.5,
         chunk_size=0, hidden=('last', 'mean'))
     ids, _ = data.tokenize(tiny['ds'].texts, tok, 32)
@@ -81,11 +83,11 @@ def loaded(tiny):
 
 
 def _extract(loaded, mode, batch_size=16):
-    ex = pipeline.Extractor(loaded['model'], loaded['saes'], loaded['spec'],
-                            pipeline.Devices(mode))
+    ex = steps.Extractor(loaded['model'], loaded['saes'], loaded['spec'],
+                            parallel.Devices(mode))
     batches = data.batches(loaded['ids'], batch_size, pad_id=loaded['tok'].pad_token_id,
                            multiple_of=8)
-    return pipeline.extract(ex, batches, len(loaded['ids']), bos_id=loaded['tok'].bos_token_id,
+    return steps.extract(ex, batches, len(loaded['ids']), bos_id=loaded['tok'].bos_token_id,
                             include_special=False, progress=False)
 
 
@@ -99,7 +101,7 @@ def test_pmap_and_mesh_equal_one_device(loaded):
             # Same XLA ops per row on every device; only reduction order may differ.
             np.testing.assert_allclose(many[k], one[k], atol=1e-5, rtol=1e-5, err_msg=k)
     # Codes are informative: neither all zero nor all on.
-    k = f'layer_1/{WIDTH}/mean/bin'
+    k = Variant(SAEKey(1, str(WIDTH)), 'mean', binarized=True)
     assert 0.05 < one[k].mean() < 0.95
 
 
@@ -156,13 +158,14 @@ def test_width_chunked_extraction_equals_full(loaded):
 
 def _fused_setup(loaded, mode):
     ds_labels = np.asarray(data.load('sae_probes:95_toxic_is', max_rows=N_ROWS, seed=0).labels)
-    key = f'layer_2/{WIDTH}/mean'
-    devices = pipeline.Devices(mode)
-    trainer = pipeline.FusedTrainer(loaded['model'], loaded['saes'], loaded['spec'], key,
-                                    devices, C=1.0, lr=1e-2, n_train=len(ds_labels),
-                                    num_classes=2, seed=0)
+    key = Variant(SAEKey(2, str(WIDTH)), 'mean')
+    devices = parallel.Devices(mode)
+    trainer = steps.FusedTrainer(loaded['model'], loaded['saes'], loaded['spec'], key,
+                                 devices, C=1.0, lr=1e-2, n_train=len(ds_labels),
+                                 num_classes=2)
 
-    def batches_fn():
+    def batches_fn(epoch):
+        del epoch  # the same length-sorted order every epoch: a deterministic comparison
         return data.batches(loaded['ids'], 16, pad_id=loaded['tok'].pad_token_id,
                             multiple_of=8)
     return ds_labels, key, trainer, batches_fn
@@ -172,13 +175,13 @@ def test_fused_equals_cached_and_devices_agree(loaded):
     labels, key, _, batches_fn = _fused_setup(loaded, 'single')
     weights = probe.class_weights(labels, 2)
     feats = _extract(loaded, 'single')
-    cached = pipeline.train_cached_minibatch(feats[key], labels, weights, batches_fn,
-                                             epochs=2, lr=1e-2, C=1.0, num_classes=2, seed=0)
+    cached = steps.train_cached_minibatch(feats[key], labels, weights, batches_fn,
+                                          epochs=2, lr=1e-2, C=1.0, num_classes=2)
     preds = {}
     for mode in ('single', 'pmap', 'mesh'):
         _, _, trainer, _ = _fused_setup(loaded, mode)
-        losses = pipeline.train_fused(trainer, batches_fn, labels, weights, epochs=2,
-                                      bos_id=loaded['tok'].bos_token_id, include_special=False)
+        losses = steps.train_fused(trainer, batches_fn, labels, weights, epochs=2,
+                                   bos_id=loaded['tok'].bos_token_id, include_special=False)
         assert losses[-1] < losses[0]
         for a, b in zip(jax.tree.leaves(trainer.params), jax.tree.leaves(cached)):
             # Identical features and update; float32 reduction order differs across modes.
@@ -192,18 +195,19 @@ def test_fused_equals_cached_and_devices_agree(loaded):
 @pytest.mark.parametrize('mode', ['pmap', 'mesh'])
 def test_fused_step_is_one_program_with_forward_and_update(loaded, mode):
     labels, key, trainer, batches_fn = _fused_setup(loaded, mode)
-    b = next(iter(batches_fn()))
-    fm = pipeline.feature_mask(b.input_ids, b.attention_mask, loaded['tok'].bos_token_id, False)
+    b = next(iter(batches_fn(0)))
+    fm = steps.feature_mask(b.input_ids, b.attention_mask, loaded['tok'].bos_token_id, False)
     lab = np.zeros(len(b.index), np.int32)
     w = np.ones(len(b.index), np.float32)
-    text = trainer.lowered_text(b, fm, lab, w)
+    valid = np.asarray(b.valid, bool)
+    text = trainer.lowered_text(b, fm, lab, w, valid)
     # One StableHLO module with a single public entry point...
     assert text.count('func.func public @main') == 1
     # ...that contains the model forward (its attention-softmax exp, GELU tanh, RMSNorm
-    # rsqrt) and the optax Adam update (named scope from pipeline.probe_update).
+    # rsqrt) and the optax Adam update (named scope of probe.make_train_step).
     for op in ('stablehlo.tanh', 'stablehlo.rsqrt', 'stablehlo.exponential'):
         assert op in text, op
-    assert 'probe_update' in trainer._step.lower(*trainer._args(b, fm, lab, w)).as_text(
+    assert 'probe_update' in trainer._step.lower(*trainer._args(b, fm, lab, w, valid)).as_text(
         debug_info=True)
 
 

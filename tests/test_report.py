@@ -1,18 +1,27 @@
 """report.build on a synthetic workdir written with results.py's own writers."""
+import csv
+import math
 import os
 import re
 
 import numpy as np
 import pytest
+from matplotlib.container import ErrorbarContainer
 
 from configs import tiny
 from mosaic_jax import report
+from mosaic_jax import report_plots
 from mosaic_jax import results
+from mosaic_jax import variants
 
 DATASETS = ('95_toxic_is', 'ag<news>&co')  # the second checks HTML escaping
 CLASSES = {'95_toxic_is': ['0', '1'], 'ag<news>&co': ['world', 'sports', 'sci<tech>']}
 LAYERS = (1, 2)
 POOLS = ('mosaic', 'mean', 'max')
+TOP_N = {'mosaic': 20}  # the new-format fixture's top_n per pooling (0 elsewhere)
+# summary.csv columns before top_n / selected / <metric>_lo/_hi (old workdirs).
+OLD_FIELDS = ('dataset', 'layer', 'width', 'kind', 'variant', 'pooling', 'binarized', 'C',
+              'macro_f1', 'accuracy', 'roc_auc', 'n_train', 'n_test', 'seconds')
 F = 64  # SAE features in the synthetic probe weights
 GEMMA = dict(model='google_gemma-2-2b', path='google/gemma-2-2b', widths=('16k', '65k'),
              source='google/gemma-scope-2b-pt-res/layer_{layer}/width_{width}/canonical')
@@ -54,9 +63,47 @@ def _scores(layer, wi, pool, b):
     return val, test
 
 
+def _names(layer, width, pool, b, old_format):
+    """(summary variant, JSON `variants` key, top_n) of one SAE variant.
+
+    New format: both are `Variant.name` ('mosaic_top20', 'max+bin'). Old workdirs: the
+    summary said 'max+bin' but the JSON said 'max/bin', and no top_n.
+    """
+    if old_format:
+        return pool + ('+bin' if b else ''), pool + ('/bin' if b else ''), None
+    top_n = TOP_N.get(pool, 0)
+    name = variants.Variant(variants.SAEKey(layer, width), pool, top_n, b).name
+    return name, name, top_n
+
+
+def _write_summary(path, rows, old_format):
+    if not old_format:
+        results.write_summary(path, rows)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=OLD_FIELDS, extrasaction='ignore')
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: f'{v:.4f}' if isinstance(v, float) else v for k, v in r.items()})
+
+
+def _add_intervals(rows, half):
+    """macro_f1_lo / _hi = macro_f1 -/+ `half` on every row."""
+    for r in rows:
+        r['macro_f1_lo'], r['macro_f1_hi'] = r['macro_f1'] - half, r['macro_f1'] + half
+
+
 def write_run(workdir, spec, run_id, *, layers=LAYERS, datasets=DATASETS, widths=None,
-              baselines=True):
-    """One finished run of `spec`'s model: summary.csv, config/timings, per-SAE JSONs."""
+              baselines=True, old_format=False, intervals=None, mark=None):
+    """One finished run of `spec`'s model: summary.csv, config/timings, per-SAE JSONs.
+
+    Args:
+      old_format: write what workdirs held before variant names were unified: '/bin' SAE
+        JSON keys, hidden JSON keys 'last'/'mean', tree variant 'max/bin', no new columns.
+      intervals: half-width of a macro_f1_lo/_hi interval on every row (None: no columns).
+      mark: row -> bool, the summary's `selected` column (None: not written).
+    """
     widths = widths or spec['widths']
     config = _config(spec, layers, datasets)
     rows, rng = [], np.random.default_rng(0)
@@ -70,34 +117,38 @@ def write_run(workdir, spec, run_id, *, layers=LAYERS, datasets=DATASETS, widths
             if baselines:
                 for k, pool in enumerate(('last', 'mean')):
                     f1 = 0.7 + 0.01 * layer + 0.02 * k
-                    hidden[pool] = dict(C=1.0, val=dict(macro_f1=f1), test=dict(macro_f1=f1))
+                    name = variants.HiddenVariant(layer, pool).name
+                    hidden[pool if old_format else name] = dict(
+                        C=1.0, val=dict(macro_f1=f1), test=dict(macro_f1=f1))
                     rows.append(dict(common, layer=layer, width='-', kind='hidden',
-                                     variant=f'hidden_{pool}', pooling=pool, binarized=False,
+                                     variant=name, pooling=pool, binarized=False,
                                      C=1.0, macro_f1=f1, accuracy=f1, roc_auc=f1 + 0.1))
             for wi, width in enumerate(widths):
-                variants = {}
+                json_variants = {}
                 for pool in POOLS:
                     for b in (False, True):
                         val, test = _scores(layer, wi, pool, b)
-                        variants[pool + ('/bin' if b else '')] = dict(
+                        name, key, top_n = _names(layer, width, pool, b, old_format)
+                        json_variants[key] = dict(
                             C=0.1, val=dict(macro_f1=val), test=dict(macro_f1=test), seconds=1.0)
                         rows.append(dict(common, layer=layer, width=width, kind='sae',
-                                         variant=pool + ('+bin' if b else ''), pooling=pool,
+                                         variant=name, pooling=pool, top_n=top_n,
                                          binarized=b, C=0.1, macro_f1=test, accuracy=test,
                                          roc_auc=float('nan') if len(names) > 2 else test))
                 if baselines:
                     rows.append(dict(common, layer=layer, width=width, kind='tree',
-                                     variant='max', C=None, macro_f1=0.5 + 0.01 * layer,
-                                     accuracy=0.5, roc_auc=0.5))
+                                     variant='max/bin' if old_format else 'max+bin',
+                                     pooling='max', binarized=True, C=None,
+                                     macro_f1=0.5 + 0.01 * layer, accuracy=0.5, roc_auc=0.5))
                 folder = results.run_dir(workdir, spec['model'], ds, layer, width, run_id)
-                best = max(variants, key=lambda k: variants[k]['val']['macro_f1'])
+                best = max(json_variants, key=lambda k: json_variants[k]['val']['macro_f1'])
                 meta = results.metadata(config, dataset=ds, layer=layer, width=width,
                                         hidden=False, class_names=names,
                                         extra=dict(best_variant=f'layer_{layer}/{width}/{best}'))
                 probe = results.linear_probe_block(y, proba, names,
                                                    _coef(len(names), _planted(layer, wi)))
                 results.write_json(folder, 'sae_classifier_results.json', dict(
-                    metadata=meta, models=dict(linearProbe=probe), variants=variants))
+                    metadata=meta, models=dict(linearProbe=probe), variants=json_variants))
                 if hidden:
                     meta = results.metadata(config, dataset=ds, layer=layer, width=width,
                                             hidden=True, class_names=names, extra={})
@@ -106,8 +157,13 @@ def write_run(workdir, spec, run_id, *, layers=LAYERS, datasets=DATASETS, widths
         if baselines:
             rows.append(dict(common, layer='-', width='-', kind='tfidf', variant='tfidf',
                              C=None, macro_f1=0.66, accuracy=0.7, roc_auc=0.8))
+    if intervals is not None:
+        _add_intervals(rows, intervals)
+    if mark is not None:
+        for r in rows:
+            r['selected'] = bool(mark(r))
     run_folder = os.path.join(workdir, results.safe_name(spec['model']), '_runs', run_id)
-    results.write_summary(os.path.join(run_folder, 'summary.csv'), rows)
+    _write_summary(os.path.join(run_folder, 'summary.csv'), rows, old_format)
     results.write_json(run_folder, 'config.json', config.to_dict())
     results.write_json(run_folder, 'timings.json', {'load_model_and_saes': 1.5, 'total': 9.0})
     return run_folder
@@ -256,3 +312,147 @@ def test_fused_only_run(tmp_path):
     fused = [h for h in report.headline(report.dataset_views(workdir, report.load(workdir)[0])[0])
              if h['method'] == 'SAE fused probe'][0]
     assert fused['row']['layer'] == 2 and fused['basis'] == 'test'
+
+
+def _view(workdir, model='tiny'):
+    run = next(r for r in report.load(workdir) if r.model == model)
+    return report.dataset_views(workdir, run)[0]
+
+
+def test_old_format_workdir_still_renders(tmp_path):
+    """A workdir written before variant names were unified: '/bin' JSON keys, hidden keys
+    'last'/'mean', tree 'max/bin', none of the new summary columns."""
+    workdir = str(tmp_path)
+    write_run(workdir, OWN, 'old', datasets=('95_toxic_is',), old_format=True)
+    with open(report.build(workdir)) as f:
+        text = f.read()
+    assert len(re.findall(r'<img src=', text)) == 4
+    assert '<td>max/bin</td>' in text
+    assert '[' not in text.split('class="headline"')[1].split('</table>')[0]
+    view = _view(workdir)
+    assert all(r['top_n'] is None and r['selected'] is False and math.isnan(r['macro_f1_lo'])
+               for r in view.rows)
+    table = {h['method']: h for h in report.headline(view)}
+    # Hidden JSON keys 'last'/'mean' still give validation scores.
+    assert table['hidden_last']['basis'] == 'validation'
+    assert table['hidden_mean']['row']['layer'] == 2
+    # The old '/bin' SAE keys no longer name a summary variant: the report falls back to
+    # test macro-F1 and says so.
+    assert table['SAE probe (best variant)']['basis'] == 'test'
+    assert report.overlap_notes(report.headline(view)) == []
+
+
+def test_new_columns_are_read_from_the_summary(tmp_path):
+    workdir = str(tmp_path)
+    write_run(workdir, OWN, 'r', layers=(1,), datasets=('95_toxic_is',), widths=('64',),
+              intervals=0.05, mark=lambda r: r['kind'] == 'tfidf')
+    rows = {(r['kind'], r['variant']): r for r in _view(workdir).rows}
+    mosaic = rows['sae', 'mosaic_top20']
+    assert (mosaic['pooling'], mosaic['top_n'], mosaic['binarized']) == ('mosaic', 20, False)
+    assert rows['sae', 'max+bin']['binarized'] is True
+    assert rows['tfidf', 'tfidf']['selected'] and not mosaic['selected']
+    assert mosaic['macro_f1_lo'] == pytest.approx(mosaic['macro_f1'] - 0.05)
+    assert math.isnan(mosaic['accuracy_lo'])  # only macro-F1 has an interval here
+
+
+@pytest.fixture(scope='module')
+def with_intervals(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp('intervals'))
+    write_run(workdir, OWN, 'r', datasets=('95_toxic_is',), intervals=0.05)
+    with open(report.build(workdir)) as f:
+        return workdir, f.read()
+
+
+def test_intervals_in_tables(with_intervals):
+    workdir, text = with_intervals
+    head = text.split('class="headline"')[1].split('</table>')[0]
+    # Validation selects layer 1 / 64 / max (see _scores): test macro-F1 0.67.
+    assert '<td>0.670 [0.620, 0.720]</td>' in head
+    assert '<td>0.660 [0.610, 0.710]</td>' in head  # TF-IDF
+    assert '<td>0.700</td>' in head  # accuracy: no interval recorded, value alone
+    every = text.split('<details>')[1]
+    assert every.count(' [') == len(_view(workdir).rows)  # each row's macro-F1
+
+
+def test_overlap_sentence_per_baseline(with_intervals):
+    workdir, text = with_intervals
+    notes = report.overlap_notes(report.headline(_view(workdir)))
+    ref = 'vs SAE probe (best variant)'
+    # SAE [0.62, 0.72]; hidden_last L2 [0.67, 0.77], hidden_mean L2 [0.69, 0.79],
+    # TF-IDF [0.61, 0.71]; the tree of layer 1 [0.46, 0.56].
+    overlap = 'intervals overlap: the difference is within noise.'
+    assert notes == [f'hidden_last {ref}: {overlap}', f'hidden_mean {ref}: {overlap}',
+                     f'TF-IDF {ref}: {overlap}',
+                     f'decision tree (SAE features) {ref}: no overlap '
+                     f'(decision tree (SAE features) is lower).']
+    assert all(n in text for n in notes)
+    assert text.index('class="overlap"') > text.index('class="headline"')
+
+
+def test_overlap_notes_edge_cases():
+    def head(method, lo=math.nan, hi=math.nan):
+        return dict(method=method, basis='test',
+                    row=dict(macro_f1=(lo + hi) / 2, macro_f1_lo=lo, macro_f1_hi=hi))
+    assert report.overlap_notes([head('SAE probe (best variant)'), head('TF-IDF')]) == []
+    notes = report.overlap_notes([head('SAE probe (best variant)', 0.5, 0.6),
+                                  head('TF-IDF', 0.7, 0.8), head('hidden_last'),
+                                  dict(method='TF-IDF', row=None, basis='')])
+    assert notes == ['TF-IDF vs SAE probe (best variant): no overlap (TF-IDF is higher).',
+                     'hidden_last: no macro-F1 interval to compare.']
+    assert report.overlap_notes([head('SAE probe (best variant)'),
+                                 head('TF-IDF', 0.7, 0.8)]) == [
+        'The SAE probe has no macro-F1 interval: no overlap check.']
+
+
+def test_headline_uses_the_rows_the_run_selected(tmp_path):
+    workdir = str(tmp_path)
+    picked = {('sae', 2, '128', 'mean+bin'), ('hidden', 1, None, 'hidden_last'),
+              ('tfidf', None, None, 'tfidf')}
+
+    def mark(r):
+        width = None if r['width'] == '-' else r['width']
+        layer = None if r['layer'] == '-' else r['layer']
+        return (r['kind'], layer, width, r['variant']) in picked
+
+    write_run(workdir, OWN, 'r', datasets=('95_toxic_is',), mark=mark)
+    heads = report.headline(_view(workdir))
+    got = [(h['method'], h['basis'], (h['row']['layer'], h['row']['width'], h['row']['variant']))
+           for h in heads]
+    # Validation alone would pick layer 1 / 64 / max and hidden_mean at layer 2 (see
+    # test_headline_selects_on_validation_not_test); the run's marks win, hidden_mean is
+    # not a headline row, and the tree unmarked follows the selected SAE.
+    assert got == [('SAE probe (best variant)', 'run', (2, '128', 'mean+bin')),
+                   ('hidden_last', 'run', (1, None, 'hidden_last')),
+                   ('TF-IDF', 'run', (None, None, 'tfidf')),
+                   ('decision tree (SAE features)', 'run', (2, '128', 'max+bin'))]
+    with open(report.build(workdir)) as f:
+        text = f.read()
+    assert 'marked selected by the run' in text
+    assert 'Linear-probe weights of layer 2, width 128, variant mean+bin.' in text
+
+
+def test_report_plots_draw_error_bars_and_write_pngs(with_intervals, tmp_path):
+    workdir, _ = with_intervals
+    view = _view(workdir)
+    cells = report.best_per_cell(view)
+    plain = [{k: v for k, v in r.items() if not k.endswith(('_lo', '_hi'))} for r in view.rows]
+    figs = {'by_layer': report_plots.plot_by_layer(view.name, view.rows, cells),
+            'bars': report_plots.plot_bars(view.name, view.rows, cells),
+            'heatmap': report_plots.plot_heatmaps(view.name, view.rows),
+            'plain_bars': report_plots.plot_bars(view.name, plain, {})}
+
+    def error_bars(fig):
+        return sum(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers)
+
+    assert error_bars(figs['by_layer']) == 2 + 2  # two SAE widths, two hidden poolings
+    assert error_bars(figs['bars']) == 1 and error_bars(figs['plain_bars']) == 0
+    heat_labels = [t.get_text() for t in figs['heatmap'].axes[0].get_yticklabels()]
+    assert heat_labels == ['mosaic top20', 'mean', 'max']  # top_n from its own column
+    for name, fig in figs.items():
+        path = str(tmp_path / f'{name}.png')
+        report_plots.write_png(fig, path)
+        with open(path, 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n', name
+    assert report_plots.plot_by_layer('x', [], {}) is None
+    assert report_plots.plot_bars('x', [], {}) is None
+    assert os.listdir(tmp_path) and not any(n.startswith('.tmp-') for n in os.listdir(tmp_path))

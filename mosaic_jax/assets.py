@@ -1,0 +1,66 @@
+"""What a run loads: the model + tokenizer and its SAEs, checked against the config.
+
+Every failure is a `checks.UserError` naming the file, layer or width and what to do.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from mosaic_jax import models
+from mosaic_jax import sae as sae_lib
+from mosaic_jax.checks import UserError
+from mosaic_jax.variants import SAEKey, parse_width
+
+
+def model_layers(config) -> tuple[int, ...]:
+    """Config layers -> model block indices (see config.model.layer_convention)."""
+    shift = 1 if config.model.layer_convention == 'hf_hidden_states' else 0
+    return tuple(int(l) - shift for l in config.layers)
+
+
+def sae_grid(config) -> list[SAEKey]:
+    """SAEs to run: config layers x widths minus sae.exclude ('layer:width')."""
+    excluded = set(config.sae.exclude)
+    return [SAEKey(int(l), str(w)) for l in config.layers for w in config.sae.widths
+            if f'{l}:{w}' not in excluded]
+
+
+def resolve_sae_source(template: str, layer: int, width: str) -> str:
+    """Fills {layer} and {width} of `config.sae.source` (a path or hub reference).
+
+    Config files name shipped SAEs by absolute paths (configs/gemma3_270m.py resolves them
+    next to itself), so nothing here depends on the source tree or the working directory.
+    """
+    return template.format(layer=layer, width=width)
+
+
+def load_saes(config, d_model: int) -> dict[SAEKey, Any]:
+    """SAEKey -> SAEParams for every SAE of the grid; width checked against its name."""
+    saes = {}
+    for key in sae_grid(config):
+        src = resolve_sae_source(config.sae.source, key.layer, key.width)
+        try:
+            expected = parse_width(key.width)
+            params = sae_lib.load_sae(src, d_model=d_model)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise UserError(f'SAE for layer {key.layer} width {key.width} ({src}): {e}') from e
+        if params.width != expected:
+            raise UserError(f'SAE {src} has width {params.width}, but the config names it '
+                            f'{key.width} ({expected})')
+        saes[key] = params
+    return saes
+
+
+def load_model(config):
+    """(Transformer, tokenizer) of config.model.path; layers checked against its depth."""
+    try:
+        model = models.load_model(config.model.path, dtype=config.model.dtype)
+        tokenizer = models.load_tokenizer(config.model.path)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise UserError(f'cannot load model {config.model.path!r}: {e}') from e
+    n_blocks = model.config.num_layers
+    bad = [l for l in model_layers(config) if not 0 <= l < n_blocks]
+    if bad:
+        raise UserError(f'layers {tuple(config.layers)} ({config.model.layer_convention}) '
+                        f'reach blocks {bad}, but {config.model.path} has {n_blocks} blocks')
+    return model, tokenizer

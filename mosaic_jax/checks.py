@@ -1,0 +1,106 @@
+"""Config validation: every field combination checked once, before anything loads.
+
+A problem found here is a `UserError`: main.py prints it as one `error:` line, no traceback.
+"""
+from __future__ import annotations
+
+import re
+
+from mosaic_jax import baselines
+from mosaic_jax import features
+from mosaic_jax import metrics
+from mosaic_jax import parallel
+
+# Baselines computed from the model's own residuals (not in the baselines registry).
+HIDDEN_BASELINES = {'hidden_last': 'last', 'hidden_mean': 'mean'}
+
+
+class UserError(ValueError):
+    """A bad config, file or missing weights: main.py prints it as one line."""
+
+
+def _choice(problems: list, field: str, value, valid) -> None:
+    if value not in valid:
+        problems.append(f'{field}={value!r} (valid: {", ".join(map(repr, valid))})')
+
+
+def _model_problems(config) -> list[str]:
+    problems = []
+    if config.model.dtype not in ('float32', 'bfloat16'):
+        problems.append(f'model.dtype={config.model.dtype!r}: use float32 or bfloat16 '
+                        '(float16 overflows on Gemma residual streams)')
+    _choice(problems, 'model.matmul_precision', config.model.matmul_precision,
+            ('default', 'high', 'highest'))
+    _choice(problems, 'model.layer_convention', config.model.layer_convention,
+            ('gemma_scope', 'hf_hidden_states'))
+    if not config.layers:
+        problems.append('layers is empty')
+    if config.model.layer_convention == 'hf_hidden_states' and 0 in config.layers:
+        problems.append('layers contains 0 with layer_convention=hf_hidden_states: '
+                        'hidden_states[0] is the embedding output, not a block residual')
+    if config.mode == 'classify' and not config.model.path:
+        problems.append('model.path is empty: pass --config.model.path=DIR (local weights), '
+                        'a hub id, a .gguf file or gemma3_270m')
+    return problems
+
+
+def _feature_problems(config) -> list[str]:
+    problems = []
+    for p in config.features.pooling:
+        if p not in features.POOLINGS:
+            problems.append(f'features.pooling has {p!r} (valid: {sorted(features.POOLINGS)})')
+    if config.mode == 'classify' and not config.sae.source:
+        problems.append('sae.source is empty: pass --config.sae.source=PATH_WITH_{layer}_{width}')
+    for ex in config.sae.exclude:
+        if not re.fullmatch(r'\d+:\S+', ex):
+            problems.append(f"sae.exclude entry {ex!r} is not 'layer:width'")
+    return problems
+
+
+def _probe_problems(config) -> list[str]:
+    problems = []
+    pc = config.probe
+    _choice(problems, 'probe.train', pc.train, ('cached', 'fused'))
+    if pc.train == 'fused':
+        if pc.fused_variant not in config.features.pooling:
+            problems.append(f'probe.fused_variant={pc.fused_variant!r} is not in '
+                            f'features.pooling={tuple(config.features.pooling)}')
+        if pc.standardize:
+            problems.append('probe.standardize=True with probe.train=fused: the streamed '
+                            'probe never sees all features to standardise them; use '
+                            'probe.train=cached or probe.standardize=False')
+    if not pc.Cs or any(c <= 0 for c in pc.Cs):
+        problems.append(f'probe.Cs={tuple(pc.Cs)} must be non-empty and positive')
+    return problems
+
+
+def _name_problems(config) -> list[str]:
+    problems = []
+    valid = sorted(set(baselines.BASELINES) | set(HIDDEN_BASELINES))
+    for b in config.baselines:
+        if b not in valid:
+            problems.append(f'baselines has {b!r} (valid: {", ".join(valid)})')
+    if not config.metrics:
+        problems.append('metrics is empty (the first metric is the headline)')
+    for m in config.metrics:
+        if m not in metrics.METRICS:
+            problems.append(f'metrics has {m!r} (valid: {", ".join(sorted(metrics.METRICS))})')
+    return problems
+
+
+def validate(config) -> None:
+    """Checks field combinations once, before anything is loaded.
+
+    Raises:
+      UserError: naming every problem found.
+    """
+    problems = []
+    _choice(problems, 'mode', config.mode, ('classify', 'report'))
+    _choice(problems, 'parallel.mode', config.parallel.mode, [m.value for m in parallel.Mode])
+    fr = tuple(config.data.fractions)
+    if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) <= 0:
+        problems.append(f'data.fractions={fr} must be three positive numbers summing to 1')
+    problems += _model_problems(config) + _feature_problems(config) + _probe_problems(config)
+    problems += _name_problems(config)
+    if problems:
+        raise UserError('invalid config: ' + '; '.join(problems))

@@ -1,0 +1,150 @@
+"""Everything device-aware: pmap / mesh / single, multi-host set-up, process-wide settings.
+
+The compiled steps (`steps.py`) are pure functions of replicated parameters and per-row
+arrays; this module decides how they run. `config.parallel.mode` picks one of:
+  - 'pmap': `jax.pmap` over local devices, the batch split on a leading device axis;
+  - 'mesh': `jax.jit` with `NamedSharding` on a 1-D ('data',) mesh, also multi-host;
+  - 'single': plain `jax.jit` on the default device.
+No other module calls `jax.pmap`, `make_mesh`, `device_put` onto a sharding,
+`process_allgather` or `make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Callable
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
+
+AXIS = 'data'  # the one mesh / pmap axis: rows of a batch
+
+_DISTRIBUTED_READY = False
+
+
+class Mode(str, enum.Enum):
+    """How a compiled step runs (config.parallel.mode)."""
+    PMAP = 'pmap'
+    MESH = 'mesh'
+    SINGLE = 'single'
+
+
+def configure_process(config) -> None:
+    """The process-wide settings of a run, set once here: joins a multi-host job when
+    `config.parallel.distributed` (idempotent) and sets the default matmul precision."""
+    init_distributed(config.parallel)
+    if config.model.matmul_precision != 'default':
+        jax.config.update('jax_default_matmul_precision', config.model.matmul_precision)
+
+
+def init_distributed(parallel) -> None:
+    """Joins a multi-host job (jax.distributed) when the config asks for it; idempotent."""
+    global _DISTRIBUTED_READY
+    if not parallel.distributed or _DISTRIBUTED_READY:
+        return
+    if parallel.cpu_collectives:
+        jax.config.update('jax_cpu_collectives_implementation', parallel.cpu_collectives)
+    kwargs = {}
+    if parallel.coordinator_address:  # TPU VMs find the coordinator themselves
+        kwargs = dict(coordinator_address=parallel.coordinator_address,
+                      num_processes=parallel.num_processes, process_id=parallel.process_id)
+    jax.distributed.initialize(**kwargs)
+    _DISTRIBUTED_READY = True
+    logging.info('process %d of %d, local devices %s', jax.process_index(),
+                 jax.process_count(), jax.local_devices())
+
+
+def is_writer() -> bool:
+    """Only process 0 writes result files."""
+    return jax.process_index() == 0
+
+
+def sync_run_id(run_id: str) -> str:
+    """All hosts of a multi-host job must write under the same run id (process 0's)."""
+    if jax.process_count() == 1:
+        return run_id
+    code = np.frombuffer(run_id.encode().ljust(32), np.uint8)
+    code = multihost_utils.broadcast_one_to_all(code)
+    return bytes(np.asarray(code)).decode().strip()
+
+
+@dataclasses.dataclass
+class Devices:
+    """Replicate / split / gather for one data-parallel mode (the only place that knows)."""
+    mode: Mode
+
+    def __post_init__(self):
+        self.mode = Mode(self.mode)
+        if self.mode is Mode.SINGLE:
+            self.mesh = jax.make_mesh((1,), (AXIS,), devices=jax.local_devices()[:1])
+        else:
+            self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+        self.rows = NamedSharding(self.mesh, P(AXIS))
+        self.repl = NamedSharding(self.mesh, P())
+
+    @property
+    def count(self) -> int:
+        """Devices that share one global batch."""
+        return self.mesh.devices.size
+
+    @property
+    def local_count(self) -> int:
+        return len(self.mesh.local_devices)
+
+    @property
+    def axis_name(self) -> str | None:
+        """The axis a step must reduce over itself (pmap only; jit's sharding does it)."""
+        return AXIS if self.mode is Mode.PMAP else None
+
+    def replicate(self, tree):
+        """Places parameters on every device once (all modes use a replicated sharding)."""
+        return jax.device_put(tree, self.repl)
+
+    def local_rows(self, global_rows: int) -> slice:
+        """This process's slice of a global batch (each host feeds its own rows)."""
+        per = global_rows // jax.process_count()
+        return slice(jax.process_index() * per, (jax.process_index() + 1) * per)
+
+    def split(self, *arrays: np.ndarray):
+        """Global host batch [B, ...] -> what the compiled function takes.
+
+        pmap: this host's rows reshaped to [local_devices, B_local / local_devices, ...].
+        mesh/single: one global jax.Array sharded over rows.
+        """
+        out = []
+        for a in arrays:
+            a = np.asarray(a)
+            local = a[self.local_rows(a.shape[0])]
+            if self.mode is Mode.PMAP:
+                out.append(local.reshape(self.local_count, -1, *local.shape[1:]))
+            elif jax.process_count() > 1:
+                out.append(jax.make_array_from_process_local_data(self.rows, local))
+            else:
+                out.append(jax.device_put(local, self.rows))
+        return out
+
+    def gather(self, tree):
+        """Compiled output -> numpy [B, ...] in global row order, on every host."""
+        def one(x):
+            if self.mode is Mode.PMAP:
+                x = np.asarray(x).reshape(-1, *x.shape[2:])  # this host's rows
+            if jax.process_count() > 1:
+                return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+            return np.asarray(x)
+        return jax.tree.map(one, tree)
+
+    def compile(self, fn: Callable, n_replicated: int, n_rows: int):
+        """Compiles `fn(*replicated, *rows)` for this mode (outputs keep XLA's layout)."""
+        if self.mode is Mode.PMAP:
+            return jax.pmap(fn, axis_name=AXIS, in_axes=(None,) * n_replicated + (0,) * n_rows)
+        return jax.jit(fn, in_shardings=(self.repl,) * n_replicated + (self.rows,) * n_rows)
+
+    def unreplicate(self, tree):
+        """Replicated outputs (updated parameters, a loss): pmap's copy on device 0."""
+        if self.mode is Mode.PMAP:
+            return jax.tree.map(lambda x: x[0], tree)
+        return tree

@@ -1,0 +1,327 @@
+"""The compiled feature step and the fused probe step.
+
+One jitted function takes a token batch through the model up to the deepest configured
+layer, encodes every configured SAE, and pools / binarizes every configured variant:
+
+  tokens [B, L] -> residuals [n_layers, B, L, D] -> SAE codes [B, L, F] -> pooled [B, F]
+
+The fused step appends the probe update (`probe.make_train_step`, the one minibatch
+objective) so features are never stored. How the steps run on devices (pmap / mesh /
+single) is `parallel.Devices`' business; nothing here branches on the device count.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable, Sequence
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from mosaic_jax import data
+from mosaic_jax import features
+from mosaic_jax import parallel
+from mosaic_jax import probe
+from mosaic_jax import sae as sae_lib
+from mosaic_jax.variants import TOP_N_POOLINGS, HiddenVariant, SAEKey, Variant
+
+FeatureKey = Variant | HiddenVariant
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureSpec:
+    """Static description of what one compiled step computes."""
+    layers: tuple[int, ...]                      # model block indices (after the convention)
+    saes: tuple[tuple[SAEKey, int], ...]         # (SAE, position in `layers`)
+    variants: tuple[Variant, ...]                # every pooled feature set to return
+    hidden: tuple[tuple[HiddenVariant, int], ...]  # hidden baselines, position in `layers`
+    threshold: float                             # binarization: x > threshold
+    chunk_size: int                              # width block of the fused encode (0: off)
+
+    @classmethod
+    def build(cls, *, layers: Sequence[int], config_layers: Sequence[int],
+              saes: Iterable[SAEKey], pooling: Sequence[str], binarize: Sequence[bool],
+              top_n: Sequence[int] | int, threshold: float, chunk_size: int = 0,
+              hidden: Sequence[str] = ()) -> 'FeatureSpec':
+        """Every pooling x top_n x binarize variant of every SAE (top_n only multiplies
+        the poolings that read it).
+
+        Args:
+          layers: model block of each config layer; config_layers: the config's names.
+        """
+        pos = {int(l): i for i, l in enumerate(config_layers)}
+        tops = (top_n,) if isinstance(top_n, int) else tuple(top_n)
+        saes = tuple(saes)
+        variants = tuple(
+            Variant(k, p, int(n) if p in TOP_N_POOLINGS else 0, bool(b))
+            for k in saes for p in pooling
+            for n in (tops if p in TOP_N_POOLINGS else (0,)) for b in binarize)
+        return cls(layers=tuple(int(l) for l in layers),
+                   saes=tuple((k, pos[k.layer]) for k in saes),
+                   variants=tuple(dict.fromkeys(variants)),
+                   hidden=tuple((HiddenVariant(int(l), p), i)
+                                for i, l in enumerate(config_layers) for p in hidden),
+                   threshold=float(threshold), chunk_size=int(chunk_size))
+
+
+def _pooled(params, x, acts, fmask, pooling: str, tops: tuple[int, ...],
+            chunk_size: int) -> dict[int, jax.Array]:
+    """top_n -> f32[B, F] for one SAE and pooling. MOSAIC's counts for several top_n come
+    from ONE top_k of the largest n (lax.top_k is sorted, ties to the lower index, so its
+    first n picks are top_k(n)'s picks)."""
+    if chunk_size:
+        # Wide SAEs: encode and pool block by block over the width, so [B, L, F] never
+        # exists (one re-encode per pooling and top_n; memory over speed).
+        return {n: sae_lib.encode_pooled(params, x, fmask, pooling, top_n=n,
+                                         chunk_size=chunk_size) for n in tops}
+    out = {n: features.pool(acts, fmask, pooling, top_n=n) for n in tops if n == 0}
+    counted = sorted(n for n in tops if n > 0)
+    if counted:
+        vals, idx = jax.lax.top_k(acts, min(counted[-1], acts.shape[-1]))  # [B, L, K]
+        for n in counted:
+            out[n] = features.count_top_n(vals[..., :n], idx[..., :n], fmask, acts.shape[-1])
+    return out
+
+
+def compute_features(model, sae_params: dict, input_ids, attention_mask, feature_mask,
+                     spec: FeatureSpec) -> tuple[dict, dict]:
+    """One batch: forward -> SAE encode -> pool -> binarize, as a pure function.
+
+    Args:
+      model: a Transformer (merged inside the compiled function).
+      sae_params: SAEKey -> SAEParams.
+      input_ids: int32[B, L]; attention_mask: bool[B, L] (padding False);
+      feature_mask: bool[B, L], positions that count in pooling (padding never; BOS and
+        special tokens unless config.features.include_special).
+    Returns:
+      ({Variant: [B, F]} (float32, or uint8 when binarized),
+       {HiddenVariant: float32[B, D]} for the hidden-state baselines).
+    """
+    resid = model.residuals(input_ids, attention_mask, spec.layers)  # [n, B, L, D]
+    out = {}
+    for key, li in spec.saes:
+        mine = [v for v in spec.variants if v.sae == key]
+        acts = None if spec.chunk_size else sae_lib.encode(sae_params[key], resid[li])
+        for pooling in dict.fromkeys(v.pooling for v in mine):
+            tops = tuple(sorted({v.top_n for v in mine if v.pooling == pooling}))
+            pooled = _pooled(sae_params[key], resid[li], acts, feature_mask, pooling, tops,
+                             spec.chunk_size)
+            for v in mine:
+                if v.pooling != pooling:
+                    continue
+                x = pooled[v.top_n]
+                out[v] = (features.binarize(x, spec.threshold).astype(jnp.uint8)
+                          if v.binarized else x)
+    hidden = {}
+    for hv, li in spec.hidden:
+        # MOSAIC's hidden baseline reads the last real token (attention mask); the mean
+        # baseline averages the same positions as the SAE poolings.
+        mask = attention_mask if hv.pooling == 'last' else feature_mask
+        hidden[hv] = features.pool(resid[li], mask, hv.pooling)
+    return out, hidden
+
+
+def feature_mask(input_ids: np.ndarray, attention_mask: np.ndarray, bos_id: int | None,
+                 include_special: bool) -> np.ndarray:
+    """Positions that count in pooling: real tokens except BOS, or every real token
+    (MOSAIC counts BOS). Padding never counts, so a text's features do not depend on
+    which texts share its batch."""
+    m = np.asarray(attention_mask, bool)
+    if include_special or bos_id is None:
+        return m
+    return m & (input_ids != bos_id)
+
+
+class Extractor:
+    """Streams token batches through the compiled feature step on all devices."""
+
+    def __init__(self, model, sae_params: dict, spec: FeatureSpec,
+                 devices: parallel.Devices):
+        self.spec, self.devices = spec, devices
+        graphdef, state = nnx.split(model)
+
+        def step(state, saes, ids, mask, fmask):
+            return compute_features(nnx.merge(graphdef, state), saes, ids, mask, fmask, spec)
+
+        self._step = devices.compile(step, n_replicated=2, n_rows=3)
+        self._state = devices.replicate(state)
+        self._saes = devices.replicate(sae_params)
+
+    def __call__(self, input_ids, attention_mask, feature_mask) -> dict[FeatureKey, np.ndarray]:
+        args = self.devices.split(input_ids, attention_mask, feature_mask)
+        sae_out, hidden = self.devices.gather(self._step(self._state, self._saes, *args))
+        return {**sae_out, **hidden}
+
+    def lowered_text(self, input_ids, attention_mask, feature_mask) -> str:
+        args = self.devices.split(input_ids, attention_mask, feature_mask)
+        return self._step.lower(self._state, self._saes, *args).as_text()
+
+
+def extract(extractor: Extractor, batches: Iterable[data.Batch], n: int, *, bos_id,
+            include_special, progress: bool = True) -> dict[FeatureKey, np.ndarray]:
+    """Pooled features of a whole dataset, batch by batch; never holds [N, T, F].
+
+    Args:
+      batches: data.Batch items (input_ids, attention_mask, index, valid).
+      n: number of texts; every index in [0, n) must appear once among valid rows.
+    Returns:
+      Variant / HiddenVariant -> [N, F] arrays in dataset order.
+    """
+    store: dict[FeatureKey, np.ndarray] = {}
+    seen = np.zeros(n, bool)
+    for b in tqdm(batches, desc='extract', unit='batch', disable=not progress):
+        fmask = feature_mask(b.input_ids, b.attention_mask, bos_id, include_special)
+        out = extractor(b.input_ids, b.attention_mask, fmask)
+        valid = np.asarray(b.valid, bool)
+        idx = np.asarray(b.index)[valid]
+        for k, v in out.items():
+            if k not in store:
+                store[k] = np.zeros((n,) + v.shape[1:], v.dtype)
+            store[k][idx] = v[valid]
+        seen[idx] = True
+    if not seen.all():
+        raise RuntimeError(f'{(~seen).sum()} texts were never extracted')
+    return store
+
+
+# ----------------------------------------------------------------------------------------
+# Minibatch training: fused (features streamed) and its cached twin
+# ----------------------------------------------------------------------------------------
+
+def epoch_batches(token_ids: Sequence[Sequence[int]], batch_size: int, *, seed: int,
+                  epoch: int, chunk_batches: int = 8, **batch_kw) -> list[data.Batch]:
+    """Training batches of one epoch in a seeded random order.
+
+    Rows are shuffled (seed, epoch), cut into chunks of `chunk_batches` batches, and
+    length-bucketed inside each chunk (little padding, yet no batch is a length stratum:
+    length-sorted batches of a whole dataset can be nearly one class). The batches are
+    then shuffled too. `Batch.index` is the row's position in `token_ids`.
+
+    Args:
+      batch_kw: data.batches options (pad_id, pad_side, multiple_of, ...).
+    """
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(token_ids))
+    step = batch_size * chunk_batches
+    out = []
+    for start in range(0, len(perm), step):
+        rows = perm[start:start + step]
+        for b in data.batches([token_ids[i] for i in rows], batch_size, **batch_kw):
+            index = np.where(b.valid, rows[np.maximum(b.index, 0)], -1)
+            out.append(b._replace(index=index))
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def batch_targets(b: data.Batch, labels: np.ndarray, class_weight: np.ndarray):
+    """Rows, labels and weights of one data.Batch for the probe (filler rows: weight 0).
+
+    Returns:
+      idx int[B] (filler rows point at row 0), lab int32[B], w float32[B], valid bool[B].
+    """
+    valid = np.asarray(b.valid, bool)
+    idx = np.where(valid, np.asarray(b.index), 0)
+    lab = np.where(valid, labels[idx], 0).astype(np.int32)
+    w = np.where(valid, class_weight[lab], 0.0).astype(np.float32)
+    return idx, lab, w, valid
+
+
+def train_cached_minibatch(x: np.ndarray, labels: np.ndarray, class_weight: np.ndarray,
+                           batches_fn: Callable[[int], Iterable[data.Batch]], *, epochs: int,
+                           lr: float, C: float, num_classes: int):
+    """The cached twin of fused training: the same step on stored features, fed in the
+    same batch order (data.Batch.index selects rows), for checking the two agree.
+
+    Args:
+      x: [N, F] pooled features; labels: int[N]; class_weight: float[C].
+      batches_fn: epoch -> batches over the N rows.
+    Returns:
+      probe parameters.
+    """
+    tx = optax.adam(lr)
+    params = probe.init_params(x.shape[1], num_classes)
+    opt_state = tx.init(params)
+    step = jax.jit(probe.make_train_step(tx, C=C, num_classes=num_classes,
+                                         n_train=len(labels)))
+    for epoch in range(epochs):
+        for b in batches_fn(epoch):
+            idx, lab, w, valid = batch_targets(b, labels, class_weight)
+            params, opt_state, _ = step(params, opt_state, np.asarray(x[idx], np.float32),
+                                        lab, w, valid)
+    return params
+
+
+def make_fused_step(graphdef, spec: FeatureSpec, variant: Variant,
+                    tx: optax.GradientTransformation, *, C: float, n_train: int,
+                    num_classes: int, axis_name: str | None):
+    """The design's single compiled step: forward -> SAE -> pool -> binarize -> probe
+    loss/grad -> (psum over devices) -> optax update, streaming, nothing stored."""
+    train_step = probe.make_train_step(tx, C=C, num_classes=num_classes, n_train=n_train,
+                                       axis_name=axis_name)
+
+    def step(state, saes, params, opt_state, ids, mask, fmask, labels, weights, valid):
+        with jax.named_scope('features'):
+            sae_out, _ = compute_features(nnx.merge(graphdef, state), saes, ids, mask, fmask,
+                                          spec)
+        x = sae_out[variant].astype(jnp.float32)
+        return train_step(params, opt_state, x, labels, weights, valid)
+    return step
+
+
+class FusedTrainer:
+    """Trains one probe variant by streaming batches through the fused step."""
+
+    def __init__(self, model, sae_params, spec: FeatureSpec, variant: Variant,
+                 devices: parallel.Devices, *, C: float, lr: float, n_train: int,
+                 num_classes: int):
+        self.devices = devices
+        graphdef, state = nnx.split(model)
+        self.tx = optax.adam(lr)
+        self.params = probe.init_params(sae_params[variant.sae].width, num_classes)
+        self.opt_state = self.tx.init(self.params)
+        fn = make_fused_step(graphdef, spec, variant, self.tx, C=C, n_train=n_train,
+                             num_classes=num_classes, axis_name=devices.axis_name)
+        self._step = devices.compile(fn, n_replicated=4, n_rows=6)
+        self._state = devices.replicate(state)
+        self._saes = devices.replicate(sae_params)
+
+    def _args(self, b, fmask, labels, weights, valid):
+        params, opt_state = self.devices.replicate((self.params, self.opt_state))
+        rows = self.devices.split(b.input_ids, b.attention_mask, fmask, labels, weights, valid)
+        return (self._state, self._saes, params, opt_state, *rows)
+
+    def step(self, b, fmask, labels, weights, valid) -> float:
+        out = self.devices.unreplicate(self._step(*self._args(b, fmask, labels, weights,
+                                                              valid)))
+        self.params, self.opt_state, loss = out
+        loss = float(loss)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f'non-finite fused probe loss {loss}')
+        return loss
+
+    def lowered_text(self, b, fmask, labels, weights, valid) -> str:
+        return self._step.lower(*self._args(b, fmask, labels, weights, valid)).as_text()
+
+
+def train_fused(trainer: FusedTrainer, batches_fn: Callable[[int], Iterable[data.Batch]],
+                labels: np.ndarray, weights: np.ndarray, *, epochs: int, bos_id,
+                include_special: bool) -> list[float]:
+    """Streams `epochs` passes of training batches through the fused step.
+
+    Args:
+      batches_fn: epoch -> iterable of data.Batch over the training texts (index =
+        position in `labels`), e.g. `epoch_batches`.
+      labels: int[N] training labels; weights: float[C] per-class weights.
+    Returns:
+      the loss of every step.
+    """
+    losses = []
+    for epoch in range(epochs):
+        for b in batches_fn(epoch):
+            fm = feature_mask(b.input_ids, b.attention_mask, bos_id, include_special)
+            _, lab, w, valid = batch_targets(b, labels, weights)
+            losses.append(trainer.step(b, fm, lab, w, valid))
+    return losses
+

@@ -88,6 +88,14 @@ def get_config(arg=None):
     c.probe.solver = 'lbfgs'
     # Iterations of L-BFGS / epochs of Adam.
     c.probe.max_iter = 500
+    # How C, the variant of each SAE and the baselines' settings are chosen: 'val' (the
+    # validation split) or 'cv' (stratified K-fold over train + val, copies of a text in
+    # one fold; the choice is refitted on train + val). Test rows never choose anything.
+    c.probe.select = 'val'
+    c.probe.select_folds = 5
+    # Standardise hidden-state features (their few massive dimensions make an unscaled
+    # L2 probe ill-conditioned; any sklearn user would scale them).
+    c.probe.hidden_standardize = True
     # 'cached': extract pooled features once, then fit every probe from them (default).
     # 'fused': one compiled step does forward -> SAE -> pool -> probe update (streaming).
     c.probe.train = 'cached'
@@ -109,6 +117,13 @@ def get_config(arg=None):
     c.data.max_rows = 0
     # Train / validation / test fractions (stratified).
     c.data.fractions = (0.7, 0.1, 0.2)
+    # Rows whose texts are identical after whitespace collapse + casefold: 'group' (all
+    # copies in one split), 'drop' (keep the first copy) or 'keep' (per-row split; leaky:
+    # test texts can sit in train verbatim).
+    c.data.duplicates = 'group'
+    # A class too small to reach train, val and test is an error; True drops it instead
+    # (with a warning).
+    c.data.drop_rare_classes = False
 
     # Baselines beside the SAE probes: 'hidden_last' (MOSAIC's last-token hidden state),
     # 'hidden_mean', 'tfidf', 'decision_tree' (on SAE features, for interpretability).
@@ -117,6 +132,8 @@ def get_config(arg=None):
     c.metrics = ('macro_f1', 'accuracy', 'roc_auc')
     # K of the stratified K-fold cross-validation of the chosen probe (0 = skip).
     c.cv_folds = 0
+    # Bootstrap resamples of every test metric's 95% interval (0 = no intervals).
+    c.n_bootstrap = 1000
 
     c.parallel = ml_collections.ConfigDict()
     # 'pmap' (local devices, batch split), 'mesh' (jax.sharding over a 1-D data mesh,

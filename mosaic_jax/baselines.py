@@ -33,7 +33,7 @@ def run(name: str, x_train, y_train, x_test, x_val=None, **options) -> dict[str,
     return get(name)(x_train, y_train, x_test, x_val, **options)
 
 
-def _proba(model, x, num_classes: int) -> np.ndarray:
+def predict_proba(model, x, num_classes: int) -> np.ndarray:
     """f32[N, C] class probabilities; classes absent from training get probability 0."""
     p = model.predict_proba(x)
     out = np.zeros((p.shape[0], num_classes), dtype=np.float32)
@@ -42,9 +42,9 @@ def _proba(model, x, num_classes: int) -> np.ndarray:
 
 
 def _outputs(model, x_test, x_val, num_classes: int) -> dict[str, Any]:
-    out = {'model': model, 'proba': _proba(model, x_test, num_classes)}
+    out = {'model': model, 'proba': predict_proba(model, x_test, num_classes)}
     if x_val is not None:
-        out['proba_val'] = _proba(model, x_val, num_classes)
+        out['proba_val'] = predict_proba(model, x_val, num_classes)
     return out
 
 
@@ -84,9 +84,10 @@ def tfidf(x_train: Sequence[str], y_train, x_test: Sequence[str],
 
 @register('decision_tree')
 def decision_tree(x_train, y_train, x_test, x_val=None, *, num_classes: int | None = None,
-                  seed: int = 0, max_depth: int = 5, top_k: int = 20,
+                  seed: int = 0, max_depth: int = 5, min_samples_leaf: int = 1, top_k: int = 20,
                   feature_names: Sequence[str] | None = None) -> dict[str, Any]:
-    """Shallow class-balanced decision tree on feature matrices (MOSAIC's tree_depth 5).
+    """Class-balanced decision tree on feature matrices (depth 5 by default; the experiment
+    chooses depth and leaf size on validation, see evaluation.fit_tree).
 
     x_*: f32[N, F] (e.g. pooled SAE features); y_train: int[N_train] in 0..C-1.
     Adds 'top_features': up to `top_k` dicts {'index', 'importance', 'name'} of the
@@ -100,8 +101,8 @@ def decision_tree(x_train, y_train, x_test, x_val=None, *, num_classes: int | No
         raise ValueError(f'x_train must be [N, F] with N={len(y)} rows, got {x_train.shape}')
     if feature_names is not None and len(feature_names) != x_train.shape[1]:
         raise ValueError(f'{len(feature_names)} feature_names for {x_train.shape[1]} features')
-    model = DecisionTreeClassifier(max_depth=max_depth, class_weight='balanced',
-                                   random_state=seed)
+    model = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf,
+                                   class_weight='balanced', random_state=seed)
     model.fit(x_train, y)
     out = _outputs(model, np.asarray(x_test), None if x_val is None else np.asarray(x_val), c)
     importance = model.feature_importances_

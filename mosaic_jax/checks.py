@@ -10,6 +10,8 @@ from mosaic_jax import baselines
 from mosaic_jax import features
 from mosaic_jax import metrics
 from mosaic_jax import parallel
+from mosaic_jax.evaluation import Selection
+from mosaic_jax.splits import Duplicates
 
 # Baselines computed from the model's own residuals (not in the baselines registry).
 HIDDEN_BASELINES = {'hidden_last': 'last', 'hidden_mean': 'mean'}
@@ -69,6 +71,9 @@ def _probe_problems(config) -> list[str]:
             problems.append('probe.standardize=True with probe.train=fused: the streamed '
                             'probe never sees all features to standardise them; use '
                             'probe.train=cached or probe.standardize=False')
+    _choice(problems, 'probe.select', pc.select, [m.value for m in Selection])
+    if pc.select == Selection.CV.value and pc.select_folds < 2:
+        problems.append(f'probe.select_folds={pc.select_folds} must be >= 2 with select=cv')
     if not pc.Cs or any(c <= 0 for c in pc.Cs):
         problems.append(f'probe.Cs={tuple(pc.Cs)} must be non-empty and positive')
     return problems
@@ -97,6 +102,8 @@ def validate(config) -> None:
     problems = []
     _choice(problems, 'mode', config.mode, ('classify', 'report'))
     _choice(problems, 'parallel.mode', config.parallel.mode, [m.value for m in parallel.Mode])
+    _choice(problems, 'data.duplicates', config.data.duplicates,
+            [d.value for d in Duplicates])
     fr = tuple(config.data.fractions)
     if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) <= 0:
         problems.append(f'data.fractions={fr} must be three positive numbers summing to 1')

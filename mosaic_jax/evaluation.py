@@ -1,19 +1,38 @@
-"""Probe evaluation: fit a C grid, choose on validation, score test, cross-validate.
+"""Probe evaluation: fit candidates, choose on validation (or grouped K-fold CV), score test.
 
-Takes arrays and a small frozen `ProbeOptions`, never the whole config, so notebooks and
-tests call it directly. Test rows are only ever scored, never used to choose anything.
+Takes arrays and small frozen option dataclasses, never the whole config, so notebooks and
+tests call it directly. Test rows are only ever scored, never used to choose anything:
+
+  * `Selection.VAL`: every candidate (a C of the grid, a tree setting) is fitted on train
+    and scored on the validation split; the best is the train fit, scored on test.
+  * `Selection.CV`: candidates are scored by stratified K-fold CV over train + val rows,
+    with copies of a text kept in one fold (`groups`); the best is refitted on train + val
+    and scored on test.
+Test metrics carry seeded bootstrap intervals (`metrics.compute_with_intervals`).
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
 
+from mosaic_jax import baselines
 from mosaic_jax import metrics
 from mosaic_jax import probe
+
+# A candidate fitted on some rows: (model object, rows -> proba [len(rows), C]).
+Fitted = tuple[Any, Callable[[np.ndarray], np.ndarray]]
+
+
+class Selection(str, enum.Enum):
+    """How candidates (C values, variants, tree settings) are chosen (config.probe.select)."""
+    VAL = 'val'
+    CV = 'cv'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,13 +45,19 @@ class ProbeOptions:
     solver: str = 'lbfgs'
     max_iter: int = 500
     seed: int = 0
+    select: Selection = Selection.VAL
+    cv_k: int = 5                       # folds of Selection.CV
+    n_bootstrap: int = 1000             # resamples of the test intervals (0: none)
 
     @classmethod
-    def from_config(cls, config) -> 'ProbeOptions':
+    def from_config(cls, config, *, standardize: bool | None = None) -> 'ProbeOptions':
         p = config.probe
         return cls(Cs=tuple(float(c) for c in p.Cs), metric_names=tuple(config.metrics),
-                   class_weight=p.class_weight or None, standardize=bool(p.standardize),
-                   solver=p.solver, max_iter=int(p.max_iter), seed=int(config.seed))
+                   class_weight=p.class_weight or None,
+                   standardize=bool(p.standardize if standardize is None else standardize),
+                   solver=p.solver, max_iter=int(p.max_iter), seed=int(config.seed),
+                   select=Selection(p.select), cv_k=int(p.select_folds),
+                   n_bootstrap=int(config.n_bootstrap))
 
     @property
     def headline(self) -> str:
@@ -42,17 +67,21 @@ class ProbeOptions:
         return dict(class_weight=self.class_weight, standardize=self.standardize,
                     solver=self.solver, max_iter=self.max_iter, seed=self.seed)
 
+    def replace(self, **kw) -> 'ProbeOptions':
+        return dataclasses.replace(self, **kw)
+
 
 @dataclasses.dataclass
 class ProbeResult:
-    """One trained variant: chosen C, validation and test metrics, what result files need."""
-    key: Any                # the Variant / HiddenVariant it was trained on
-    C: float
-    val: dict
-    test: dict
+    """One evaluated method: chosen candidate, selection and test scores, the model."""
+    key: Any                # the Variant / HiddenVariant / name it was trained on
+    C: float | None         # the chosen C (None for non-probe candidates)
+    val: dict               # selection metrics of the chosen candidate (val split or CV mean)
+    test: dict              # test metrics with <m>_lo / <m>_hi intervals
     test_proba: np.ndarray
-    params: Any
+    params: Any             # ProbeParams, or the fitted sklearn model
     seconds: float
+    choice: Any = None      # the chosen candidate itself
 
 
 def scores(y: np.ndarray, proba, names: Sequence[str]) -> dict[str, float]:
@@ -60,23 +89,137 @@ def scores(y: np.ndarray, proba, names: Sequence[str]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.compute(y, np.asarray(proba), names=names).items()}
 
 
-def fit_variant(key, x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *,
-                num_classes: int) -> ProbeResult:
-    """Fits every C in one vmapped call, picks the best on validation, scores test.
+def test_scores(y: np.ndarray, proba, opts: ProbeOptions) -> dict[str, float]:
+    """Test metrics, each with its bootstrap interval when opts.n_bootstrap > 0."""
+    if not opts.n_bootstrap:
+        return scores(y, proba, opts.metric_names)
+    out = metrics.compute_with_intervals(y, np.asarray(proba), opts.metric_names,
+                                         n_resamples=opts.n_bootstrap, seed=opts.seed)
+    return {k: float(v) for k, v in out.items()}
+
+
+def selection_folds(y: np.ndarray, splits, opts: ProbeOptions,
+                    groups: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit rows, score rows) pairs that choose candidates; never a test row.
 
     Args:
-      x: [N, F] features of every row; y: int[N]; splits: (train, val, test) indices.
+      groups: int[N] text-copy ids (splits.text_groups); CV folds keep each group whole.
     """
-    tr, va, te = splits
+    tr, va, _ = splits
+    if opts.select is Selection.VAL:
+        return [(np.asarray(tr), np.asarray(va))]
+    rows = np.sort(np.concatenate([tr, va]))
+    g = np.arange(len(y)) if groups is None else np.asarray(groups)
+    folds = StratifiedGroupKFold(n_splits=opts.cv_k, shuffle=True, random_state=opts.seed)
+    return [(rows[a], rows[b]) for a, b in folds.split(rows, y[rows], g[rows])]
+
+
+def choose(fit_all: Callable[[np.ndarray], list[Fitted]], y: np.ndarray, folds,
+           names: Sequence[str]) -> tuple[int, list[dict], list[Fitted]]:
+    """Scores every candidate on every fold; the best by the mean of names[0].
+
+    Args:
+      fit_all: fit rows -> one Fitted per candidate.
+    Returns:
+      (best index (ties: the first), mean metrics per candidate, the last fold's fits).
+    """
+    per: list[dict[str, list[float]]] = []
+    fits: list[Fitted] = []
+    for fit_rows, score_rows in folds:
+        fits = fit_all(fit_rows)
+        if not per:
+            per = [dict() for _ in fits]
+        for i, (_, proba) in enumerate(fits):
+            for k, v in scores(y[score_rows], proba(score_rows), names).items():
+                per[i].setdefault(k, []).append(v)
+    means = [{k: float(np.nanmean(v)) for k, v in d.items()} for d in per]
+    head = np.asarray([m[names[0]] for m in means], np.float64)
+    best = int(np.nanargmax(np.where(np.isnan(head), -np.inf, head)))
+    return best, means, fits
+
+
+def evaluate(key, candidates: Sequence, fit_all: Callable[..., list[Fitted]],
+             y: np.ndarray, splits, opts: ProbeOptions, folds, *,
+             refit: bool = False) -> ProbeResult:
+    """Chooses among `candidates` on `folds`, (re)fits the choice, scores test.
+
+    Args:
+      fit_all: `(rows, only=None) -> [Fitted]`, one per candidate (only: just that one).
+      refit: refit the choice on train + val in VAL mode too (CV mode always does).
+    """
     t0 = time.perf_counter()
+    tr, va, te = splits
+    best, means, fits = choose(fit_all, y, folds, opts.metric_names)
+    if refit or opts.select is Selection.CV:  # the choice on every non-test row
+        model, proba_fn = fit_all(np.sort(np.concatenate([tr, va])), only=best)[0]
+    else:
+        model, proba_fn = fits[best]
+    proba = np.asarray(proba_fn(np.asarray(te)))
+    choice = candidates[best]
+    return ProbeResult(key, float(choice) if isinstance(choice, float) else None, means[best],
+                       test_scores(y[te], proba, opts), proba, model,
+                       time.perf_counter() - t0, choice)
+
+
+def probe_fitter(x: np.ndarray, y: np.ndarray, opts: ProbeOptions, num_classes: int):
+    """fit_all for the logistic probe: the whole C grid in one vmapped call."""
     x = np.asarray(x, np.float32)
-    grid = probe.fit_grid(x[tr], y[tr], opts.Cs, num_classes=num_classes, **opts.fit_kwargs())
-    best, _ = probe.select_C(grid, opts.Cs, x[va], y[va], metric=opts.headline)
-    params = probe.take(grid, best)
-    val = scores(y[va], probe.predict_proba(params, x[va]), opts.metric_names)
-    proba = np.asarray(probe.predict_proba(params, x[te]))
-    return ProbeResult(key, float(opts.Cs[best]), val, scores(y[te], proba, opts.metric_names),
-                       proba, jax.device_get(params), time.perf_counter() - t0)
+
+    def fit_all(rows, only: int | None = None) -> list[Fitted]:
+        Cs = opts.Cs if only is None else (opts.Cs[only],)
+        grid = probe.fit_grid(x[rows], y[rows], Cs, num_classes=num_classes,
+                              **opts.fit_kwargs())
+        out = []
+        for i in range(len(Cs)):
+            params = jax.device_get(probe.take(grid, i))
+            out.append((params, lambda r, p=params: np.asarray(probe.predict_proba(p, x[r]))))
+        return out
+    return fit_all
+
+
+def fit_variant(key, x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *,
+                num_classes: int, groups: np.ndarray | None = None) -> ProbeResult:
+    """A probe on features x [N, F]: C chosen on validation / CV, scored on test."""
+    folds = selection_folds(y, splits, opts, groups)
+    return evaluate(key, opts.Cs, probe_fitter(x, y, opts, num_classes), y, splits, opts,
+                    folds)
+
+
+def fit_tfidf(texts: Sequence[str], y: np.ndarray, splits, opts: ProbeOptions, *,
+              num_classes: int, groups: np.ndarray | None = None) -> ProbeResult:
+    """TF-IDF + logistic regression, its C chosen exactly like the probes' C."""
+    def fit_all(rows, only: int | None = None) -> list[Fitted]:
+        Cs = opts.Cs if only is None else (opts.Cs[only],)
+        out = []
+        for C in Cs:
+            m = baselines.run('tfidf', [texts[i] for i in rows], y[rows], [texts[0]],
+                              num_classes=num_classes, seed=opts.seed, C=C)['model']
+            out.append((m, lambda r, m=m: baselines.predict_proba(
+                m, [texts[i] for i in r], num_classes)))
+        return out
+    return evaluate('tfidf', opts.Cs, fit_all, y, splits, opts,
+                    selection_folds(y, splits, opts, groups))
+
+
+# MOSAIC's tree search space (src/classifiers.py grid-searches depth / split / leaf).
+TREE_GRID = tuple((d, leaf) for d in (3, 5, 10) for leaf in (1, 5))
+
+
+def fit_tree(key, x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *,
+             num_classes: int, groups: np.ndarray | None = None) -> ProbeResult:
+    """The decision tree on SAE features: (max_depth, min_samples_leaf) chosen on
+    validation / CV, then refitted on train + val (MOSAIC's recipe) and scored on test."""
+    def fit_all(rows, only: int | None = None) -> list[Fitted]:
+        grid = TREE_GRID if only is None else (TREE_GRID[only],)
+        out = []
+        for depth, leaf in grid:
+            m = baselines.run('decision_tree', x[rows], y[rows], x[:1],
+                              num_classes=num_classes, seed=opts.seed, max_depth=depth,
+                              min_samples_leaf=leaf)['model']
+            out.append((m, lambda r, m=m: baselines.predict_proba(m, x[r], num_classes)))
+        return out
+    return evaluate(key, TREE_GRID, fit_all, y, splits, opts,
+                    selection_folds(y, splits, opts, groups), refit=True)
 
 
 def cross_validate_variant(res: ProbeResult, x: np.ndarray, y: np.ndarray, splits,
@@ -95,8 +238,3 @@ def cross_validate_variant(res: ProbeResult, x: np.ndarray, y: np.ndarray, split
                fold_scores=cv['accuracy']['folds'])
     out.update({f'{n}_mean': v['mean'] for n, v in cv.items()})
     return out
-
-
-def coef(params) -> np.ndarray:
-    """Probe weights on the raw feature space (standardisation undone): [F, C']."""
-    return probe.raw_coef(params)[0]

@@ -64,6 +64,7 @@ class Prepared:
     splits: tuple
     ids: list
     n_truncated: int
+    groups: np.ndarray       # int[N] text-copy ids (copies share one; grouped CV folds)
 
     @property
     def num_classes(self) -> int:
@@ -110,8 +111,7 @@ def run(config) -> list[dict]:
     timings['total'] = time.perf_counter() - t0
     print(results.format_table(rows, ctx.opts.metric_names), flush=True)
     if ctx.writer:
-        run_folder = os.path.join(config.workdir, results.safe_name(config.model.name), '_runs',
-                                  ctx.run_id)
+        run_folder = _run_folder(ctx)
         results.write_summary(os.path.join(run_folder, 'summary.csv'), rows, ctx.opts.metric_names)
         results.write_json(run_folder, 'config.json', config.to_dict())
         results.write_json(run_folder, 'timings.json', timings)
@@ -130,29 +130,67 @@ def _report_only(config) -> list[dict]:
     return []
 
 
-def _dataset(ctx: Context, name: str, timings: dict) -> list[dict]:
-    """One dataset end to end; timings gain '<name>/load_tokenize', '/extract', ..."""
+def _run_folder(ctx: Context) -> str:
+    c = ctx.config
+    return os.path.join(c.workdir, results.safe_name(c.model.name), '_runs', ctx.run_id)
+
+
+def _load(ctx: Context, name: str) -> data.LabeledTexts:
+    """One dataset, rare classes dropped when the config allows it."""
     config = ctx.config
-    t = time.perf_counter()
     try:
         ds = data.load(name, text_field=config.data.text_field,
                        label_field=config.data.label_field, max_rows=config.data.max_rows,
                        seed=config.seed)
+        if config.data.drop_rare_classes:
+            ds, dropped = splits_lib.drop_rare_classes(
+                ds, splits_lib.min_class_count(tuple(config.data.fractions)),
+                duplicates=config.data.duplicates)
+            if dropped:
+                logging.warning('%s: dropped classes too small to reach every split: %s',
+                                name, dropped)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise UserError(f'dataset {name!r}: {e}') from e
-    splits = tuple(splits_lib.split(ds.labels, seed=config.seed,
-                                    fractions=tuple(config.data.fractions)))
+    return ds
+
+
+def _split(ctx: Context, ds: data.LabeledTexts) -> splits_lib.Split:
+    """The duplicate-safe split, logged and written for audit (splits/<dataset>.csv)."""
+    config = ctx.config
+    try:
+        sp = splits_lib.split(ds.labels, seed=config.seed, fractions=tuple(config.data.fractions),
+                              texts=ds.texts, duplicates=config.data.duplicates,
+                              class_names=ds.label_names)
+    except ValueError as e:
+        raise UserError(f'dataset {ds.name!r}: {e}') from e
+    a = sp.audit
+    logging.info('%s: %d rows, %d repeat an earlier text (%d texts repeated, %d with '
+                 'conflicting labels); duplicates=%s, %d rows dropped', ds.name, a.n_rows,
+                 a.n_duplicate_rows, a.n_duplicate_groups, a.n_conflicting_groups, a.mode,
+                 a.n_dropped)
+    if ctx.writer:
+        path = os.path.join(_run_folder(ctx), 'splits', f'{results.safe_name(ds.name)}.csv')
+        splits_lib.write_split_csv(path, sp, ds.labels, ds.texts, ds.label_names)
+    return sp
+
+
+def _dataset(ctx: Context, name: str, timings: dict) -> list[dict]:
+    """One dataset end to end; timings gain '<name>/load_tokenize', '/extract', ..."""
+    config = ctx.config
+    t = time.perf_counter()
+    ds = _load(ctx, name)
+    sp = _split(ctx, ds)
     ids, n_trunc = data.tokenize(ds.texts, ctx.tokenizer, config.model.max_length)
     if n_trunc:
         logging.info('%s: %d of %d texts truncated to %d tokens', name, n_trunc, len(ids),
                      config.model.max_length)
-    prep = Prepared(ds, splits, ids, n_trunc)
+    prep = Prepared(ds, tuple(sp), ids, n_trunc, splits_lib.text_groups(ds.texts))
     timings[f'{name}/load_tokenize'] = time.perf_counter() - t
     if config.probe.train == 'fused':
         t = time.perf_counter()
         rows = _fused_dataset(ctx, prep)
         timings[f'{name}/fused'] = time.perf_counter() - t
-        return rows
+        return _mark_selected(rows, config.seed)
     t = time.perf_counter()
     feats = ctx.extract(ids)
     timings[f'{name}/extract'] = time.perf_counter() - t
@@ -161,46 +199,54 @@ def _dataset(ctx: Context, name: str, timings: dict) -> list[dict]:
                  timings[f'{name}/extract'])
     t = time.perf_counter()
     meta = dict(n_texts=len(ids), n_tokens=n_tokens, n_truncated=n_trunc,
-                split_sizes=[len(s) for s in splits],
+                split_sizes=[len(s) for s in prep.splits],
+                split_audit=dataclasses.asdict(sp.audit), selection=ctx.opts.select.value,
                 extract_seconds=timings[f'{name}/extract'])
     rows = _probe_dataset(ctx, prep, feats, meta)
     timings[f'{name}/probes'] = time.perf_counter() - t
-    return rows
+    return _mark_selected(rows, config.seed)
 
 
-def _row(prep: Prepared, kind: str, res: ProbeResult | None = None, **kw) -> dict:
-    """One summary row; a probe result adds its C, seconds and test metrics."""
+def _mark_selected(rows: list[dict], seed: int) -> list[dict]:
+    """`selected` = the row of each kind with the best selection score (validation or CV,
+    never test): the one number per method that a headline may compare. Adds `seed`."""
+    best: dict[str, dict] = {}
+    for r in rows:
+        score = r.get('_select', np.nan)
+        if not np.isnan(score) and (r['kind'] not in best or score > best[r['kind']]['_select']):
+            best[r['kind']] = r
+    chosen = {id(r) for r in best.values()}
+    return [{**{k: v for k, v in r.items() if k != '_select'}, 'selected': id(r) in chosen,
+             'seed': seed} for r in rows]
+
+
+def _row(prep: Prepared, kind: str, res: ProbeResult | None = None, *, headline: str = '',
+         **kw) -> dict:
+    """One summary row; a result adds its C, seconds, test metrics and selection score."""
     out = dict(dataset=prep.ds.name, n_train=len(prep.splits[0]), n_test=len(prep.splits[2]),
                kind=kind, **kw)
     if res is not None:
-        out.update(C=res.C, seconds=res.seconds, **res.test)
+        out.update(C=res.C, seconds=res.seconds, _select=res.val.get(headline, np.nan),
+                   **res.test)
     return out
 
 
-def _variant_row(prep, kind: str, v: Variant, **kw) -> dict:
-    return _row(prep, kind, layer=v.layer, width=v.width, variant=v.name, pooling=v.pooling,
-                top_n=v.top_n, binarized=v.binarized, **kw)
+def _variant_row(prep, kind: str, v: Variant, res=None, *, headline: str = '', **kw) -> dict:
+    return _row(prep, kind, res, headline=headline, layer=v.layer, width=v.width,
+                variant=v.name, pooling=v.pooling, top_n=v.top_n, binarized=v.binarized, **kw)
 
 
 def _hidden_probes(ctx: Context, prep: Prepared, feats, layer: int) -> dict[str, ProbeResult]:
-    """pooling -> result of the hidden-state baselines at one config layer."""
+    """pooling -> result of the hidden-state baselines at one config layer (standardised
+    by default: config.probe.hidden_standardize)."""
+    opts = ctx.opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
     out = {}
     for hv, _ in ctx.spec.hidden:
         if hv.layer == layer:
-            out[hv.pooling] = evaluation.fit_variant(hv, feats[hv], prep.ds.labels,
-                                                     prep.splits, ctx.opts,
-                                                     num_classes=prep.num_classes)
+            out[hv.pooling] = evaluation.fit_variant(
+                hv, feats[hv], prep.ds.labels, prep.splits, opts,
+                num_classes=prep.num_classes, groups=prep.groups)
     return out
-
-
-def _tree(ctx: Context, prep: Prepared, x: np.ndarray):
-    """The depth-limited decision tree on the chosen variant's features (or None)."""
-    if 'decision_tree' not in ctx.config.baselines:
-        return None
-    tr, _, te = prep.splits
-    y = prep.ds.labels
-    return baselines.run('decision_tree', x[tr], y[tr], x[te], num_classes=prep.num_classes,
-                         seed=ctx.config.seed)
 
 
 def _cv(ctx: Context, prep: Prepared, feats, best: ProbeResult, hidden: dict) -> dict:
@@ -214,8 +260,9 @@ def _cv(ctx: Context, prep: Prepared, feats, best: ProbeResult, hidden: dict) ->
                                                     ctx.opts, **kw))
     if hidden:
         main = hidden.get('last') or next(iter(hidden.values()))
+        opts = ctx.opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
         cv['hidden'] = evaluation.cross_validate_variant(main, feats[main.key], y, prep.splits,
-                                                         ctx.opts, **kw)
+                                                         opts, **kw)
     return cv
 
 
@@ -223,20 +270,21 @@ def _sae_probes(ctx: Context, prep: Prepared, feats, key: SAEKey, hidden: dict,
                 meta: dict) -> list[dict]:
     """Every variant of one SAE: probes, the tree on the chosen one, CV, result files."""
     y, te = prep.ds.labels, prep.splits[2]
-    fitted = {}
-    rows = []
+    head = ctx.opts.headline
+    fitted, rows = {}, []
     for v in ctx.spec.variants:
-        if v.sae != key:
-            continue
-        fitted[v] = evaluation.fit_variant(v, feats[v], y, prep.splits, ctx.opts,
-                                           num_classes=prep.num_classes)
-        rows.append(_variant_row(prep, 'sae', v, res=fitted[v]))
-    best = max(fitted.values(), key=lambda r: r.val[ctx.opts.headline])
-    tree = _tree(ctx, prep, feats[best.key])
-    if tree is not None:
-        rows.append(_variant_row(prep, 'tree', best.key, C=None,
-                                 **evaluation.scores(y[te], tree['proba'],
-                                                     ctx.opts.metric_names)))
+        if v.sae == key:
+            fitted[v] = evaluation.fit_variant(v, feats[v], y, prep.splits, ctx.opts,
+                                               num_classes=prep.num_classes,
+                                               groups=prep.groups)
+            rows.append(_variant_row(prep, 'sae', v, fitted[v], headline=head))
+    best = max(fitted.values(), key=lambda r: r.val[head])  # ties: the first variant
+    tree = None
+    if 'decision_tree' in ctx.config.baselines:
+        tree = evaluation.fit_tree(best.key, feats[best.key], y, prep.splits, ctx.opts,
+                                   num_classes=prep.num_classes, groups=prep.groups)
+        rows.append(_variant_row(prep, 'tree', best.key, tree, headline=head))
+        rows[-1]['C'] = None
     if ctx.writer:
         folder = results.run_dir(ctx.config.workdir, ctx.config.model.name, prep.ds.name,
                                  key.layer, key.width, ctx.run_id)
@@ -250,38 +298,38 @@ def _sae_probes(ctx: Context, prep: Prepared, feats, key: SAEKey, hidden: dict,
 def _probe_dataset(ctx: Context, prep: Prepared, feats, meta: dict) -> list[dict]:
     """Cached training: every variant x C grid, hidden baselines, TF-IDF, decision tree."""
     rows = []
+    head = ctx.opts.headline
     for layer in ctx.config.layers:
         hidden = _hidden_probes(ctx, prep, feats, int(layer))
         for pooling, res in hidden.items():
-            rows.append(_row(prep, 'hidden', res, layer=int(layer), width='-',
+            rows.append(_row(prep, 'hidden', res, headline=head, layer=int(layer), width='-',
                              variant=res.key.name, pooling=pooling, binarized=False))
         for key in assets.sae_grid(ctx.config):
             if key.layer == int(layer):
                 rows += _sae_probes(ctx, prep, feats, key, hidden, meta)
     if 'tfidf' in ctx.config.baselines:
-        rows.append(_tfidf_row(ctx, prep))
+        res = evaluation.fit_tfidf(prep.ds.texts, prep.ds.labels, prep.splits, ctx.opts,
+                                   num_classes=prep.num_classes, groups=prep.groups)
+        rows.append(_row(prep, 'tfidf', res, headline=head, layer='-', width='-',
+                         variant='tfidf'))
     return rows
 
 
-def _tfidf_row(ctx: Context, prep: Prepared) -> dict:
-    tr, _, te = prep.splits
-    texts, y = prep.ds.texts, prep.ds.labels
-    t = time.perf_counter()
-    out = baselines.run('tfidf', [texts[i] for i in tr], y[tr], [texts[i] for i in te],
-                        num_classes=prep.num_classes, seed=ctx.config.seed)
-    return _row(prep, 'tfidf', layer='-', width='-', variant='tfidf', C=None,
-                seconds=time.perf_counter() - t,
-                **evaluation.scores(y[te], out['proba'], ctx.opts.metric_names))
-
-
 def _fused_dataset(ctx: Context, prep: Prepared) -> list[dict]:
-    """Fused training of one variant per SAE on the training split, scored on test."""
-    tr, _, te = prep.splits
+    """Fused training of one variant per SAE on the training split (seeded, shuffled
+    epochs), scored on validation (the selection score) and test."""
+    tr, va, te = prep.splits
     y = prep.ds.labels
-    pcfg = ctx.config.probe
+    pcfg, m = ctx.config.probe, ctx.config.model
     C = prep.num_classes
     weights = probe.class_weights(y[tr], C) if pcfg.class_weight else np.ones(C, np.float32)
-    test_feats = ctx.extract(prep.ids, te, progress=False)
+    held = ctx.extract(prep.ids, np.concatenate([va, te]), progress=False)
+    train_ids = [prep.ids[i] for i in tr]
+
+    def batches_fn(epoch):
+        return steps.epoch_batches(train_ids, m.batch_size, seed=ctx.config.seed, epoch=epoch,
+                                   pad_id=ctx.tokenizer.pad_token_id, pad_side=m.pad_side,
+                                   multiple_of=ctx.devices.count)
     rows = []
     for key in ctx.saes:
         v = Variant(key, pcfg.fused_variant, _top_n(ctx, pcfg.fused_variant),
@@ -290,13 +338,15 @@ def _fused_dataset(ctx: Context, prep: Prepared) -> list[dict]:
         trainer = steps.FusedTrainer(ctx.model, ctx.saes, ctx.spec, v, ctx.devices,
                                      C=pcfg.fused_C, lr=pcfg.fused_lr, n_train=len(tr),
                                      num_classes=C)
-        steps.train_fused(trainer, lambda epoch: ctx.batches(prep.ids, tr), y[tr], weights,
-                          epochs=pcfg.fused_epochs, bos_id=ctx.tokenizer.bos_token_id,
+        steps.train_fused(trainer, batches_fn, y[tr], weights, epochs=pcfg.fused_epochs,
+                          bos_id=ctx.tokenizer.bos_token_id,
                           include_special=ctx.config.features.include_special)
-        proba = np.asarray(probe.predict_proba(trainer.params, test_feats[v]))
-        rows.append(_variant_row(prep, 'fused', v, C=float(pcfg.fused_C),
-                                 seconds=time.perf_counter() - t,
-                                 **evaluation.scores(y[te], proba, ctx.opts.metric_names)))
+        proba = np.asarray(probe.predict_proba(trainer.params, held[v]))
+        val = evaluation.scores(y[va], proba[:len(va)], ctx.opts.metric_names)
+        res = ProbeResult(v, float(pcfg.fused_C), val,
+                          evaluation.test_scores(y[te], proba[len(va):], ctx.opts),
+                          proba[len(va):], trainer.params, time.perf_counter() - t)
+        rows.append(_variant_row(prep, 'fused', v, res, headline=ctx.opts.headline))
     return rows
 
 

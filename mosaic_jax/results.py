@@ -243,7 +243,7 @@ class VariantFiles:
     y_test: np.ndarray
     best: Any                  # evaluation.ProbeResult of the chosen variant
     fitted: dict               # Variant -> ProbeResult
-    tree: dict | None          # baselines.run('decision_tree', ...) output
+    tree: Any                  # evaluation.ProbeResult of the tree (choice: depth, leaf)
     hidden: dict               # pooling -> ProbeResult of the hidden baselines
     cv: dict                   # 'sae' / 'hidden' -> cross_validation block
     meta: dict                 # dataset facts: n_texts, n_tokens, split sizes, ...
@@ -268,22 +268,36 @@ def _sae_json(f: VariantFiles) -> dict:
         variants={k.name: dict(C=r.C, val=r.val, test=r.test, seconds=r.seconds,
                                pooling=k.pooling, top_n=k.top_n, binarized=k.binarized)
                   for k, r in f.fitted.items()})
+    out['models']['linearProbe']['performance']['intervals'] = _intervals(f.best.test)
     if f.tree is not None:
-        out['models']['decisionTree'] = tree_block(
-            f.tree['model'], f.y_test, np.asarray(f.tree['proba']).argmax(-1), names)
+        t = f.tree
+        block = tree_block(t.params, f.y_test, np.asarray(t.test_proba).argmax(-1), names)
+        depth, leaf = t.choice
+        block['performance'].update(intervals=_intervals(t.test), test=t.test, val=t.val)
+        block['selection'] = dict(max_depth=depth, min_samples_leaf=leaf,
+                                  refit='train+val')
+        out['models']['decisionTree'] = block
     return out
+
+
+def _intervals(test: dict) -> dict:
+    """{metric: [lo, hi]} from a test dict holding <m>, <m>_lo, <m>_hi (95% bootstrap)."""
+    return {k: [test[f'{k}_lo'], test[f'{k}_hi']] for k in test
+            if f'{k}_lo' in test and f'{k}_hi' in test}
 
 
 def _hidden_json(f: VariantFiles) -> dict:
     main = f.hidden.get('last') or next(iter(f.hidden.values()))
     names = f.ds.label_names
-    return dict(
+    out = dict(
         metadata=metadata(f.config, dataset=f.ds.name, layer=f.key.layer, width=f.key.width,
                           hidden=True, class_names=names,
                           extra=dict(C=main.C, pooling=main.key.pooling, **f.meta)),
         models=dict(linearProbe=linear_probe_block(f.y_test, main.test_proba, names,
                                                    _coef(main.params), cv=f.cv.get('hidden'))),
         variants={r.key.name: dict(C=r.C, val=r.val, test=r.test) for r in f.hidden.values()})
+    out['models']['linearProbe']['performance']['intervals'] = _intervals(main.test)
+    return out
 
 
 def write_variant_files(folder: str, f: VariantFiles) -> None:

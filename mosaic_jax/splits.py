@@ -111,6 +111,11 @@ def _groups(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return group, first.astype(np.int64)
 
 
+def text_groups(texts: Sequence[str]) -> np.ndarray:
+    """int64[N] id of each row's normalised text: copies share an id (for grouped CV)."""
+    return _groups(texts)[0]
+
+
 def _majority(labels: np.ndarray, group: np.ndarray, num_groups: int) -> np.ndarray:
     """int64[G] most frequent label of each group (ties: the smallest label code)."""
     counts = np.zeros((num_groups, int(labels.max()) + 1), dtype=np.int64)

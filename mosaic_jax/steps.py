@@ -192,13 +192,15 @@ def extract(extractor: Extractor, batches: Iterable[data.Batch], n: int, *, bos_
 # ----------------------------------------------------------------------------------------
 
 def epoch_batches(token_ids: Sequence[Sequence[int]], batch_size: int, *, seed: int,
-                  epoch: int, chunk_batches: int = 8, **batch_kw) -> list[data.Batch]:
+                  epoch: int, chunk_batches: int = 1, **batch_kw) -> list[data.Batch]:
     """Training batches of one epoch in a seeded random order.
 
-    Rows are shuffled (seed, epoch), cut into chunks of `chunk_batches` batches, and
-    length-bucketed inside each chunk (little padding, yet no batch is a length stratum:
-    length-sorted batches of a whole dataset can be nearly one class). The batches are
-    then shuffled too. `Batch.index` is the row's position in `token_ids`.
+    Rows are shuffled (seed, epoch) and cut into chunks of `chunk_batches` batches that are
+    length-bucketed inside (data.batches); the batches are then shuffled too. The default
+    (1) makes every batch a uniform random sample, an unbiased minibatch; larger chunks
+    pad less, but where length predicts the label (it often does) they bring back
+    single-class batches like a length-sorted pass over the whole dataset.
+    `Batch.index` is the row's position in `token_ids`.
 
     Args:
       batch_kw: data.batches options (pad_id, pad_side, multiple_of, ...).

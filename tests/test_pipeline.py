@@ -79,7 +79,11 @@ def loaded(tiny):
         pooling=('mosaic', 'mean', 'max'), binarize=(False, True), top_n=0, threshold=0.5,
         chunk_size=0, hidden=('last', 'mean'))
     ids, _ = data.tokenize(tiny['ds'].texts, tok, 32)
-    return dict(model=model, tok=tok, saes=saes, spec=spec, ids=ids)
+    out = dict(model=model, tok=tok, saes=saes, spec=spec, ids=ids)
+    # Every comparison of two extraction programs (devices, batch sizes, width chunks,
+    # padding) must not depend on codes within rounding of their threshold.
+    out['saes'] = _gapped_thresholds(out)
+    return out
 
 
 def _extract(loaded, mode, batch_size=16):
@@ -146,14 +150,34 @@ def _gapped_thresholds(loaded, margin: float = 1e-3) -> dict:
 
 def test_width_chunked_extraction_equals_full(loaded):
     import dataclasses
-    gapped = dict(loaded, saes=_gapped_thresholds(loaded))
-    full = _extract(gapped, 'single')
-    chunked = dict(gapped, spec=dataclasses.replace(loaded['spec'], chunk_size=WIDTH // 4))
+    full = _extract(loaded, 'single')
+    chunked = dict(loaded, spec=dataclasses.replace(loaded['spec'], chunk_size=WIDTH // 4))
     got = _extract(chunked, 'single')
     for k in full:
         # Same per-latent math; only the matmul is split over width blocks. No threshold
         # lies within 1e-3 of a pre-activation, so no code can flip on rounding.
         np.testing.assert_allclose(got[k], full[k], atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+def test_include_special_counts_bos_but_never_padding(loaded):
+    """include_special=True: BOS counts (MOSAIC), padding never does, so a text's `last` and
+    `mean` features do not depend on how far its batch is padded."""
+    ex = steps.Extractor(loaded['model'], loaded['saes'], loaded['spec'],
+                         parallel.Devices('single'))
+    ids, pad, bos = loaded['ids'], loaded['tok'].pad_token_id, loaded['tok'].bos_token_id
+    got = {}
+    for length in (32, 64):  # the bucket, and twice as much padding
+        batches = data.batches(ids, 16, pad_id=pad, pad_batch_to=length)
+        got[length] = steps.extract(ex, batches, len(ids), bos_id=bos, include_special=True,
+                                    progress=False)
+    without_bos = _extract(loaded, 'single')
+    keys = [k for k in got[32] if k.pooling in ('last', 'mean')]
+    assert len(keys) == 2 * len(LAYERS) + 2 * len(LAYERS)  # SAE mean (+bin), hidden last/mean
+    for k in keys:
+        # Real tokens' residuals are the same computation; padding is masked out.
+        np.testing.assert_allclose(got[64][k], got[32][k], atol=1e-5, rtol=1e-5, err_msg=k)
+    mean = Variant(SAEKey(1, str(WIDTH)), 'mean')
+    assert np.abs(got[32][mean] - without_bos[mean]).max() > 1e-3  # BOS really counts
 
 
 def _fused_setup(loaded, mode):
@@ -247,6 +271,37 @@ def test_main_tiny_end_to_end(tiny, tmp_path):
     assert tfidf[0] > 0.6
     html = open(tmp_path / 'report.html').read()
     assert '95_toxic_is' in html and '<img' in html
+    _check_audit(tmp_path, rows, files)
+
+
+def _check_audit(workdir, rows, files):
+    """The numbers of a run survive an audit: no text in two splits, one macro-F1 in the
+    JSON and the summary, an interval around every test score, one selected row per kind."""
+    split_rows = list(csv.DictReader(open(workdir / 'tiny' / '_runs' / 'r1' / 'splits' /
+                                          '95_toxic_is.csv')))
+    assert len(split_rows) == N_ROWS
+    where = {}
+    for r in split_rows:
+        where.setdefault(' '.join(r['text'].split()).casefold(), set()).add(r['split'])
+    assert all(len(v) == 1 for v in where.values())  # copies never straddle splits
+    assert sum(1 for v in where.values()) < N_ROWS   # the set really has copies
+    for r in rows:
+        if r['kind'] in ('sae', 'hidden', 'tfidf', 'tree'):
+            lo, v, hi = (float(r[k]) for k in ('macro_f1_lo', 'macro_f1', 'macro_f1_hi'))
+            assert lo <= v <= hi and hi - lo > 0.01, r
+    for kind in ('sae', 'hidden', 'tfidf', 'tree'):
+        assert sum(r['selected'] == 'True' for r in rows if r['kind'] == kind) == 1, kind
+    for f in files:
+        if not f.endswith('sae_classifier_results.json'):
+            continue
+        res = json.load(open(f))
+        layer = str(res['metadata']['model']['layer'])
+        best = res['metadata']['mosaic_jax']['variant']
+        row = [r for r in rows if r['kind'] == 'sae' and r['layer'] == layer
+               and r['variant'] == best][0]
+        macro = res['models']['linearProbe']['aggregated_metrics']['macro avg']['f1_score']
+        assert abs(macro - float(row['macro_f1'])) < 1e-4  # summary rounds to 4 places
+        assert res['variants'][best]['test']['macro_f1'] == pytest.approx(macro, abs=1e-12)
 
 
 def _free_port() -> int:

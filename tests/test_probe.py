@@ -355,3 +355,49 @@ def test_train_step_under_jit_and_pmap_equals_full_batch():
     with pytest.raises(ValueError, match='needs 1'):
         probe.make_train_step(tx, C=1.0, num_classes=2)(params, tx.init(params), feats,
                                                         labels)
+
+
+def test_train_step_on_a_skewed_batch_is_the_full_weighted_objective():
+    """A batch with class weights and filler rows steps on J / n exactly: class weights in
+    the numerator (dividing by the batch's weight sum would cancel `balanced` weighting)
+    and filler rows counted nowhere; pmap with unequal valid rows per device agrees."""
+    r = np.random.default_rng(3)
+    n_train, n, f = 400, 48, 4
+    y_all = (r.uniform(size=n_train) < 0.2).astype(np.int32)      # ~20% class 1 overall
+    cw = probe.class_weights(y_all, 2)                            # balanced on the whole set
+    rows = np.concatenate([np.flatnonzero(y_all == 1)[:24], np.flatnonzero(y_all == 0)[:24]])
+    x = r.normal(size=(n, f)).astype(np.float32)                  # a batch at 50%: skewed
+    y = y_all[rows]
+    s = cw[y].astype(np.float32)
+    pad = 16                                                     # filler rows, any content
+    xb = np.concatenate([x, r.normal(size=(pad, f)).astype(np.float32)])
+    yb = np.concatenate([y, np.ones(pad, np.int32)])
+    sb = np.concatenate([s, np.full(pad, 5.0, np.float32)])
+    valid = np.arange(n + pad) < n
+    params = probe.init_params(f, 2).replace(w=jnp.asarray(r.normal(size=(f, 1)), jnp.float32))
+    C = 0.3
+
+    def objective(p):  # the unbiased estimate of J / n_train from this batch of n rows
+        return (jnp.sum(s * probe.per_example_loss(p, x, y)) / n
+                + probe.l2_penalty(p, C) / n_train)
+    want_loss, want_g = jax.value_and_grad(objective)(params)
+    tx = optax.sgd(1.0)
+    step = jax.jit(probe.make_train_step(tx, C=C, num_classes=2, n_train=n_train))
+    new, _, loss = step(params, tx.init(params), xb, yb, sb, valid)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-6)       # float32 sums
+    np.testing.assert_allclose(params.w - new.w, want_g.w, rtol=1e-5, atol=1e-7)  # sgd(1)
+    # The old normalisation (by the batch's sum of weights) is a different objective here.
+    assert abs(float(np.sum(s)) - n) > 1.0
+
+    # 8 devices, valid rows spread unevenly (all filler on the last two): same update.
+    n_dev = jax.local_device_count()
+    order = np.argsort(~valid, kind='stable')
+    shard = lambda a: a[order].reshape((n_dev, -1) + a.shape[1:])  # noqa: E731
+    rep = lambda t: jax.tree.map(  # noqa: E731
+        lambda a: np.broadcast_to(a, (n_dev,) + np.shape(a)), t)
+    pstep = jax.pmap(probe.make_train_step(tx, C=C, num_classes=2, n_train=n_train,
+                                           axis_name='data'), axis_name='data')
+    pn, _, pl = pstep(rep(params), rep(tx.init(params)), shard(xb), shard(yb), shard(sb),
+                      shard(valid))
+    np.testing.assert_allclose(pl, np.full(n_dev, want_loss), rtol=1e-5)  # psum order
+    np.testing.assert_allclose(pn.w[0], new.w, rtol=1e-5, atol=1e-6)

@@ -22,6 +22,9 @@ def get_config(arg=None):
     c.run_id = ''
     # One seed for splits, probe init and minibatch order.
     c.seed = 0
+    # Repeat split + probes for each of these seeds (features are extracted once) and
+    # write seeds.csv with mean +- std over seeds; () = just `seed`.
+    c.seeds = ()
 
     c.model = ml_collections.ConfigDict()
     # Short name used in result paths (MOSAIC uses the hub id with '/' -> '_').
@@ -66,8 +69,9 @@ def get_config(arg=None):
     # Poolings of per-token SAE activations into one vector per text:
     # 'mosaic' (MOSAIC's top-n counts), 'mean', 'max', 'sum', 'last'.
     c.features.pooling = ('mosaic', 'mean', 'max')
-    # top_n of the 'mosaic' pooling (see features.py for MOSAIC's meaning of 0).
-    c.features.top_n = 0
+    # top_n values of the 'mosaic' pooling (see features.py; 0 = summed activations). A
+    # tuple is a sweep from ONE extraction: --config.features.top_n='(0,20,50)'.
+    c.features.top_n = (0,)
     # Train a probe on raw pooled values (False) and/or on (pooled > threshold) (True).
     c.features.binarize = (False, True)
     # MOSAIC's default binarization threshold.

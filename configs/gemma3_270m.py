@@ -31,7 +31,7 @@ def get_config(arg=None):
     # 102_twt_emotion (4 classes) also works but its probe stage is slow on CPU (see README).
     c.data.datasets = ('sae_probes:95_toxic_is', 'sae_probes:96_spam_is')
     c.data.max_rows = 500  # whole demo ~3.5 minutes on 2 CPU cores
-    c.features.top_n = 20  # MOSAIC's top-n count pooling (its sweep used 0, 20 and 50)
+    c.features.top_n = (20,)  # MOSAIC's top-n count pooling (its sweep used 0, 20 and 50)
     if arg.smoke:
         c.layers = (8,)
         c.sae.widths = ('4k',)

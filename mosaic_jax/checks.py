@@ -51,6 +51,10 @@ def _feature_problems(config) -> list[str]:
     for p in config.features.pooling:
         if p not in features.POOLINGS:
             problems.append(f'features.pooling has {p!r} (valid: {sorted(features.POOLINGS)})')
+    tops = tuple(config.features.top_n)
+    if not tops or any(int(n) != n or n < 0 for n in tops):
+        problems.append(f'features.top_n={tops} must be a non-empty tuple of integers >= 0, '
+                        "e.g. --config.features.top_n='(0,20,50)'")
     if config.mode == 'classify' and not config.sae.source:
         problems.append('sae.source is empty: pass --config.sae.source=PATH_WITH_{layer}_{width}')
     for ex in config.sae.exclude:

@@ -113,6 +113,9 @@ def run(config) -> list[dict]:
     if ctx.writer:
         run_folder = _run_folder(ctx)
         results.write_summary(os.path.join(run_folder, 'summary.csv'), rows, ctx.opts.metric_names)
+        if len(_seeds(config)) > 1:
+            results.write_seed_summary(os.path.join(run_folder, 'seeds.csv'), rows,
+                                       ctx.opts.metric_names)
         results.write_json(run_folder, 'config.json', config.to_dict())
         results.write_json(run_folder, 'timings.json', timings)
         if config.report:
@@ -154,11 +157,17 @@ def _load(ctx: Context, name: str) -> data.LabeledTexts:
     return ds
 
 
-def _split(ctx: Context, ds: data.LabeledTexts) -> splits_lib.Split:
-    """The duplicate-safe split, logged and written for audit (splits/<dataset>.csv)."""
+def _seeds(config) -> tuple[int, ...]:
+    """The seeds whose split + probes a run repeats (config.seeds, else config.seed)."""
+    return tuple(int(s) for s in config.seeds) or (int(config.seed),)
+
+
+def _split(ctx: Context, ds: data.LabeledTexts, seed: int, *, write: bool,
+           tag: str = '') -> splits_lib.Split:
+    """The duplicate-safe split, logged and written for audit (splits/<dataset><tag>.csv)."""
     config = ctx.config
     try:
-        sp = splits_lib.split(ds.labels, seed=config.seed, fractions=tuple(config.data.fractions),
+        sp = splits_lib.split(ds.labels, seed=seed, fractions=tuple(config.data.fractions),
                               texts=ds.texts, duplicates=config.data.duplicates,
                               class_names=ds.label_names)
     except ValueError as e:
@@ -168,43 +177,53 @@ def _split(ctx: Context, ds: data.LabeledTexts) -> splits_lib.Split:
                  'conflicting labels); duplicates=%s, %d rows dropped', ds.name, a.n_rows,
                  a.n_duplicate_rows, a.n_duplicate_groups, a.n_conflicting_groups, a.mode,
                  a.n_dropped)
-    if ctx.writer:
-        path = os.path.join(_run_folder(ctx), 'splits', f'{results.safe_name(ds.name)}.csv')
+    if write:
+        path = os.path.join(_run_folder(ctx), 'splits',
+                            f'{results.safe_name(ds.name)}{tag}.csv')
         splits_lib.write_split_csv(path, sp, ds.labels, ds.texts, ds.label_names)
     return sp
 
 
 def _dataset(ctx: Context, name: str, timings: dict) -> list[dict]:
-    """One dataset end to end; timings gain '<name>/load_tokenize', '/extract', ..."""
+    """One dataset end to end: extraction once, then split + probes for every seed (result
+    JSONs for the first seed); timings gain '<name>/load_tokenize', '/extract', ..."""
     config = ctx.config
     t = time.perf_counter()
     ds = _load(ctx, name)
-    sp = _split(ctx, ds)
     ids, n_trunc = data.tokenize(ds.texts, ctx.tokenizer, config.model.max_length)
     if n_trunc:
         logging.info('%s: %d of %d texts truncated to %d tokens', name, n_trunc, len(ids),
                      config.model.max_length)
-    prep = Prepared(ds, tuple(sp), ids, n_trunc, splits_lib.text_groups(ds.texts))
+    groups = splits_lib.text_groups(ds.texts)
     timings[f'{name}/load_tokenize'] = time.perf_counter() - t
-    if config.probe.train == 'fused':
+    feats = None
+    if config.probe.train == 'cached':
         t = time.perf_counter()
-        rows = _fused_dataset(ctx, prep)
-        timings[f'{name}/fused'] = time.perf_counter() - t
-        return _mark_selected(rows, config.seed)
+        feats = ctx.extract(ids)
+        timings[f'{name}/extract'] = time.perf_counter() - t
+        logging.info('%s: extracted %d texts (%d tokens) in %.1fs', name, len(ids),
+                     sum(len(i) for i in ids), timings[f'{name}/extract'])
+    seeds = _seeds(config)
+    rows = []
     t = time.perf_counter()
-    feats = ctx.extract(ids)
-    timings[f'{name}/extract'] = time.perf_counter() - t
-    n_tokens = int(sum(len(i) for i in ids))
-    logging.info('%s: extracted %d texts (%d tokens) in %.1fs', name, len(ids), n_tokens,
-                 timings[f'{name}/extract'])
-    t = time.perf_counter()
-    meta = dict(n_texts=len(ids), n_tokens=n_tokens, n_truncated=n_trunc,
-                split_sizes=[len(s) for s in prep.splits],
-                split_audit=dataclasses.asdict(sp.audit), selection=ctx.opts.select.value,
-                extract_seconds=timings[f'{name}/extract'])
-    rows = _probe_dataset(ctx, prep, feats, meta)
-    timings[f'{name}/probes'] = time.perf_counter() - t
-    return _mark_selected(rows, config.seed)
+    for i, seed in enumerate(seeds):
+        sctx = dataclasses.replace(ctx, opts=ctx.opts.replace(seed=seed),
+                                   writer=ctx.writer and i == 0)
+        sp = _split(sctx, ds, seed, write=ctx.writer,
+                    tag=f'_seed{seed}' if len(seeds) > 1 else '')
+        prep = Prepared(ds, tuple(sp), ids, n_trunc, groups)
+        if feats is None:
+            seed_rows = _fused_dataset(sctx, prep)
+        else:
+            meta = dict(n_texts=len(ids), n_tokens=int(sum(len(i) for i in ids)),
+                        n_truncated=n_trunc, split_sizes=[len(s) for s in prep.splits],
+                        split_audit=dataclasses.asdict(sp.audit),
+                        selection=ctx.opts.select.value,
+                        extract_seconds=timings[f'{name}/extract'])
+            seed_rows = _probe_dataset(sctx, prep, feats, meta)
+        rows += _mark_selected(seed_rows, seed)
+    timings[f'{name}/{"fused" if feats is None else "probes"}'] = time.perf_counter() - t
+    return rows
 
 
 def _mark_selected(rows: list[dict], seed: int) -> list[dict]:
@@ -327,7 +346,7 @@ def _fused_dataset(ctx: Context, prep: Prepared) -> list[dict]:
     train_ids = [prep.ids[i] for i in tr]
 
     def batches_fn(epoch):
-        return steps.epoch_batches(train_ids, m.batch_size, seed=ctx.config.seed, epoch=epoch,
+        return steps.epoch_batches(train_ids, m.batch_size, seed=ctx.opts.seed, epoch=epoch,
                                    pad_id=ctx.tokenizer.pad_token_id, pad_side=m.pad_side,
                                    multiple_of=ctx.devices.count)
     rows = []

@@ -17,6 +17,7 @@ from typing import Callable
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
+from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
@@ -79,10 +80,14 @@ class Devices:
 
     def __post_init__(self):
         self.mode = Mode(self.mode)
+        # Auto axes: XLA propagates the row sharding itself. (Explicit axes, the default
+        # of newer jax, reject the top-n count's scatter whose output sharding it cannot
+        # infer.)
+        auto = (AxisType.Auto,)
         if self.mode is Mode.SINGLE:
-            self.mesh = jax.make_mesh((1,), (AXIS,), devices=jax.local_devices()[:1])
+            self.mesh = jax.make_mesh((1,), (AXIS,), auto, devices=jax.local_devices()[:1])
         else:
-            self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,))
+            self.mesh = jax.make_mesh((jax.device_count(),), (AXIS,), auto)
         self.rows = NamedSharding(self.mesh, P(AXIS))
         self.repl = NamedSharding(self.mesh, P())
 

@@ -144,7 +144,7 @@ def metadata(config, *, dataset: str, layer: int, width: str, hidden: bool,
         training=dict(test_size=frac[2], val_size=frac[1], random_state=config.seed,
                       cv_folds=config.cv_folds),
         args=dict(model_name=config.model.path, layer=','.join(map(str, config.layers)),
-                  width=width, dataset_name=dataset, top_n=config.features.top_n,
+                  width=width, dataset_name=dataset, top_n=list(config.features.top_n),
                   linear_c_values=list(config.probe.Cs),
                   layer_convention=config.model.layer_convention),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -195,6 +195,43 @@ def write_summary(path: str, rows: list[dict], metric_names=SUMMARY_METRICS) -> 
                        extrasaction='ignore')
     w.writeheader()
     for r in rows:
+        w.writerow({k: _cell(v) for k, v in r.items()})
+    checkpoint.atomic_write_text(path, buf.getvalue())
+
+
+SEED_KEY = ('dataset', 'kind', 'layer', 'width', 'variant')
+
+
+def seed_summary(rows: list[dict], metric_names=SUMMARY_METRICS) -> list[dict]:
+    """Mean and sample std (ddof=1) of every test metric over seeds, per method/variant.
+
+    Returns:
+      one dict per (dataset, kind, layer, width, variant): those keys, n_seeds,
+      n_selected (seeds whose selection chose this row) and <m>_mean / <m>_std.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in SEED_KEY), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        agg = dict(zip(SEED_KEY, key), n_seeds=len(rs),
+                   n_selected=sum(bool(r.get('selected')) for r in rs))
+        for m in metric_names:
+            v = np.asarray([float(r.get(m, np.nan)) for r in rs], np.float64)
+            agg[f'{m}_mean'] = float(np.nanmean(v)) if np.isfinite(v).any() else np.nan
+            agg[f'{m}_std'] = float(np.nanstd(v, ddof=1)) if np.isfinite(v).sum() > 1 else np.nan
+        out.append(agg)
+    return out
+
+
+def write_seed_summary(path: str, rows: list[dict], metric_names=SUMMARY_METRICS) -> None:
+    """seeds.csv: `seed_summary` of a multi-seed run's rows."""
+    fields = list(SEED_KEY) + ['n_seeds', 'n_selected'] + [
+        f'{m}_{s}' for m in metric_names for s in ('mean', 'std')]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, restval='', extrasaction='ignore')
+    w.writeheader()
+    for r in seed_summary(rows, metric_names):
         w.writerow({k: _cell(v) for k, v in r.items()})
     checkpoint.atomic_write_text(path, buf.getvalue())
 

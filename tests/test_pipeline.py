@@ -338,3 +338,77 @@ def test_multihost_two_processes_match_one(tiny, tmp_path):
     assert [r['macro_f1'] for r in m_rows] == [r['macro_f1'] for r in s_rows]
     # Only process 0 wrote results: one summary for the two-process run.
     assert len(glob.glob(str(tmp_path / 'mh' / 'tiny' / '_runs' / '*'))) == 1
+
+
+def test_main_seeds_and_cv_selection(tiny, tmp_path):
+    """seeds=(0, 1): one extraction, a split + probes per seed, seeds.csv with mean and std;
+    probe.select=cv chooses by grouped K-fold CV on train + val."""
+    r = _main(tiny, tmp_path, '--config.run_id=s', '--config.seeds=(0,1)',
+              '--config.probe.select=cv', '--config.probe.select_folds=3',
+              "--config.baselines=('hidden_mean','tfidf')", "--config.features.pooling=('mean',)",
+              '--config.cv_folds=0')
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = tmp_path / 'tiny' / '_runs' / 's'
+    rows = list(csv.DictReader(open(run / 'summary.csv')))
+    assert {r['seed'] for r in rows} == {'0', '1'}
+    for seed in ('0', '1'):
+        mine = [r for r in rows if r['seed'] == seed]
+        for kind in ('sae', 'hidden', 'tfidf'):
+            assert sum(r['selected'] == 'True' for r in mine if r['kind'] == kind) == 1
+    agg = list(csv.DictReader(open(run / 'seeds.csv')))
+    tfidf = [a for a in agg if a['kind'] == 'tfidf'][0]
+    vals = [float(r['macro_f1']) for r in rows if r['kind'] == 'tfidf']
+    assert int(tfidf['n_seeds']) == 2
+    assert float(tfidf['macro_f1_mean']) == pytest.approx(np.mean(vals), abs=1e-4)
+    assert float(tfidf['macro_f1_std']) == pytest.approx(np.std(vals, ddof=1), abs=1e-4)
+    s0 = [r['split'] for r in csv.DictReader(open(run / 'splits' / '95_toxic_is_seed0.csv'))]
+    s1 = [r['split'] for r in csv.DictReader(open(run / 'splits' / '95_toxic_is_seed1.csv'))]
+    assert s0 != s1  # a new split per seed
+    assert r.stderr.count('extracted 200 texts') == 1  # features extracted once, not per seed
+
+
+def _safe_top_ns(loaded, candidates=(2, 3, 4, 5, 6, 7, 9, 11), margin=1e-5) -> list[int]:
+    """top_n values whose per-token top-n boundary is decided far from rounding for every
+    real token of layer 1 (float64 check): rank flips between two programs are impossible."""
+    ids = loaded['ids']
+    b = next(iter(data.batches(ids, len(ids), pad_id=loaded['tok'].pad_token_id)))
+    resid = np.asarray(loaded['model'].residuals(b.input_ids, b.attention_mask, (1,)),
+                       np.float64)[0][np.asarray(b.attention_mask, bool)]
+    p = loaded['saes'][SAEKey(1, str(WIDTH))]
+    pre = resid @ np.asarray(p.w_enc, np.float64) + np.asarray(p.b_enc, np.float64)
+    acts = np.where(pre > np.asarray(p.threshold, np.float64), pre, 0.0)
+    srt = -np.sort(-acts, axis=1)
+    ok = []
+    for n in candidates:
+        gap = srt[:, n - 1] - srt[:, n]
+        # A boundary between two zeros is no tie that matters: zero picks are not counted.
+        if np.all((gap > margin) | (srt[:, n - 1] == 0)):
+            ok.append(n)
+    return ok
+
+
+def test_top_n_sweep_in_one_pass_equals_one_run_per_top_n(loaded):
+    tops = _safe_top_ns(loaded)[:2]
+    assert len(tops) == 2, 'no top_n with a safe margin: widen the candidates'
+    key = SAEKey(1, str(WIDTH))
+
+    def run(top_n, mode='single'):
+        spec = steps.FeatureSpec.build(layers=(1,), config_layers=(1,), saes=[key],
+                                       pooling=('mosaic',), binarize=(False, True),
+                                       top_n=top_n, threshold=0.5)
+        return _extract(dict(loaded, spec=spec, saes={key: loaded['saes'][key]}), mode)
+    sweep = run((0,) + tuple(tops))
+    assert len(sweep) == 2 * 3  # 3 top_n x binarize, from one extraction
+    for mode in ('mesh', 'pmap'):  # the top-n count's scatter under each device mode
+        many = run((0,) + tuple(tops), mode)
+        for v in sweep:
+            np.testing.assert_allclose(many[v], sweep[v], atol=1e-5, rtol=1e-5, err_msg=v.name)
+    for n in (0,) + tuple(tops):
+        one = run((n,))
+        for v, x in one.items():
+            if n:  # integer counts: exactly equal
+                np.testing.assert_array_equal(sweep[v], x, err_msg=v.name)
+            else:  # summed activations: the same sums
+                np.testing.assert_allclose(sweep[v], x, atol=1e-5, rtol=1e-5, err_msg=v.name)
+    assert not np.array_equal(sweep[Variant(key, 'mosaic', tops[0])],
+                              sweep[Variant(key, 'mosaic', tops[1])])

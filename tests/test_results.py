@@ -111,3 +111,16 @@ def test_format_table_shows_the_macro_f1_interval():
     assert len({len(l) for l in lines[2:]}) == 1  # columns stay aligned
     custom = results.format_table([_row(balanced_accuracy=0.5)], ('balanced_accuracy',))
     assert custom.splitlines()[0].split()[-1] == 'balAcc' and '0.500' in custom
+
+
+def test_seed_summary_mean_and_sample_std_per_variant():
+    rows = [dict(dataset='d', kind='sae', layer=8, width='4k', variant='mean', macro_f1=v,
+                 selected=sel, seed=s) for s, (v, sel) in enumerate([(0.7, True), (0.8, False),
+                                                                      (0.9, True)])]
+    rows.append(dict(dataset='d', kind='tfidf', layer='-', width='-', variant='tfidf',
+                     macro_f1=0.6, selected=True, seed=0))
+    agg = {a['kind']: a for a in results.seed_summary(rows, ('macro_f1',))}
+    assert agg['sae']['n_seeds'] == 3 and agg['sae']['n_selected'] == 2
+    assert agg['sae']['macro_f1_mean'] == pytest.approx(0.8)
+    assert agg['sae']['macro_f1_std'] == pytest.approx(0.1)  # ddof=1 of 0.7, 0.8, 0.9
+    assert np.isnan(agg['tfidf']['macro_f1_std'])              # one seed: no spread

@@ -65,6 +65,8 @@ def test_decode_matches_numpy():
 @pytest.mark.parametrize('chunk', [1, 50, 64, 199, 200, 1000])
 def test_chunked_equals_unchunked(chunk):
     p, x = _params(), _x()
+    # No gate within float32 error of its threshold (machine-independent float64 check).
+    assert np.min(np.abs(_reference(_arrays(), x)[1] - _arrays()['threshold'])) > 1e-4
     full = np.asarray(sae.encode(p, x))
     got = np.asarray(jax.jit(lambda p, x: sae.encode(p, x, chunk_size=chunk))(p, x))
     np.testing.assert_array_equal(got > 0, full > 0)
@@ -78,6 +80,8 @@ def test_chunked_equals_unchunked(chunk):
 @pytest.mark.parametrize('chunk', [None, 64])  # 64: 3 full blocks + a remainder
 def test_encode_pooled_equals_pool_of_encode(mode, top_n, chunk):
     p, x = _params(), _x((4, 9))
+    # As above: every gate decided far from rounding, so both programs agree on codes.
+    assert np.min(np.abs(_reference(_arrays(), x)[1] - _arrays()['threshold'])) > 1e-5
     mask = np.random.default_rng(5).random((4, 9)) > 0.3
     mask[1] = False                      # an all-masked row
     want = np.asarray(features.pool(sae.encode(p, x), mask, mode, top_n=top_n))

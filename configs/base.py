@@ -97,6 +97,11 @@ def get_config(arg=None):
     # one fold; the choice is refitted on train + val). Test rows never choose anything.
     c.probe.select = 'val'
     c.probe.select_folds = 5
+    # k-sparse probes on each SAE's chosen variant (sae-probes / SAEBench): k latents picked
+    # on the training rows by |class-mean difference| ('mean_diff') or an L1 path ('l1'),
+    # then the usual probe; rows of kind 'sparse' with a column k. () = off.
+    c.probe.sparse_k = ()
+    c.probe.sparse_method = 'mean_diff'
     # Standardise hidden-state features (their few massive dimensions make an unscaled
     # L2 probe ill-conditioned; any sklearn user would scale them).
     c.probe.hidden_standardize = True
@@ -128,6 +133,14 @@ def get_config(arg=None):
     # A class too small to reach train, val and test is an error; True drops it instead
     # (with a warning).
     c.data.drop_rare_classes = False
+    # Transfer runs (e.g. cross-lingual): a column naming each row's group, or
+    # 'group=spec' parts combined into one dataset called group_name. Probes train on each
+    # of train_groups (() = every group in turn) and are tested on every group
+    # (_runs/<run_id>/transfer.csv, feature_overlap.csv).
+    c.data.group_field = ''
+    c.data.group_parts = ()
+    c.data.group_name = 'grouped'
+    c.data.train_groups = ()
 
     # Baselines beside the SAE probes: 'hidden_last' (MOSAIC's last-token hidden state),
     # 'hidden_mean', 'tfidf', 'decision_tree' (on SAE features, for interpretability).

@@ -78,6 +78,9 @@ def _probe_problems(config) -> list[str]:
     _choice(problems, 'probe.select', pc.select, [m.value for m in Selection])
     if pc.select == Selection.CV.value and pc.select_folds < 2:
         problems.append(f'probe.select_folds={pc.select_folds} must be >= 2 with select=cv')
+    _choice(problems, 'probe.sparse_method', pc.sparse_method, ('mean_diff', 'l1'))
+    if any(int(k) != k or k < 0 for k in pc.sparse_k):
+        problems.append(f'probe.sparse_k={tuple(pc.sparse_k)} must be integers >= 0 (0 = all)')
     if not pc.Cs or any(c <= 0 for c in pc.Cs):
         problems.append(f'probe.Cs={tuple(pc.Cs)} must be non-empty and positive')
     return problems
@@ -108,6 +111,11 @@ def validate(config) -> None:
     _choice(problems, 'parallel.mode', config.parallel.mode, [m.value for m in parallel.Mode])
     _choice(problems, 'data.duplicates', config.data.duplicates,
             [d.value for d in Duplicates])
+    for part in config.data.group_parts:
+        if '=' not in part or not part.split('=', 1)[0]:
+            problems.append(f"data.group_parts entry {part!r} is not 'group=dataset spec'")
+    if config.data.group_parts and len(config.data.group_parts) < 2:
+        problems.append('data.group_parts needs at least 2 parts (one per group)')
     fr = tuple(config.data.fractions)
     if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) <= 0:
         problems.append(f'data.fractions={fr} must be three positive numbers summing to 1')

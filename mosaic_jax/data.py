@@ -106,6 +106,7 @@ class LabeledTexts:
     name: str
     source: str
     num_dropped: int = 0
+    groups: list[str] | None = None  # per-row group (e.g. language) for transfer runs
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -117,8 +118,29 @@ class LabeledTexts:
     def subset(self, idx: Sequence[int] | np.ndarray) -> 'LabeledTexts':
         """Rows `idx` (int[M]) with the same label encoding (classes may become empty)."""
         idx = np.asarray(idx, dtype=np.int64)
+        groups = None if self.groups is None else [self.groups[i] for i in idx]
         return dataclasses.replace(self, texts=[self.texts[i] for i in idx],
-                                   labels=self.labels[idx])
+                                   labels=self.labels[idx], groups=groups)
+
+
+def combine(parts: Sequence[tuple[str, 'LabeledTexts']], name: str) -> 'LabeledTexts':
+    """One grouped dataset from (group name, dataset) parts, e.g. one per language.
+
+    Classes are matched by their label names (a class missing from a part is allowed);
+    `groups[i]` is the part row i came from.
+    """
+    if len(parts) < 2:
+        raise ValueError(f'combining needs at least 2 (group, dataset) parts, got {len(parts)}')
+    names = sorted({n for _, d in parts for n in d.label_names})
+    texts, labels, groups = [], [], []
+    for group, d in parts:
+        code = np.asarray([names.index(n) for n in d.label_names], np.int64)
+        texts += d.texts
+        labels.append(code[d.labels])
+        groups += [str(group)] * len(d)
+    return LabeledTexts(texts=texts, labels=np.concatenate(labels), label_names=names,
+                        name=name, source='combined:' + ','.join(g for g, _ in parts),
+                        num_dropped=sum(d.num_dropped for _, d in parts), groups=groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,14 +399,14 @@ def _dedupe(texts: list[str], labels: list[Any]) -> tuple[list[str], list[Any]]:
 # load.
 # ---------------------------------------------------------------------------------------
 def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
-         max_rows: int = 0, seed: int = 0) -> LabeledTexts:
+         max_rows: int = 0, seed: int = 0, group_field: str = '') -> LabeledTexts:
     """Loads a dataset spec (see module docstring) as `LabeledTexts`.
 
     Keyword arguments are fallbacks for fields the spec leaves unset. Rows with an empty or
     missing text or label are dropped (count logged, kept in `num_dropped`), and with
     `dedupe=True` in the spec also repeated texts (see `_dedupe`; off by default, as in
     MOSAIC and sae-probes). `max_rows` > 0 keeps a stratified, seeded subsample in
-    original order.
+    original order. `group_field` names a column kept as `LabeledTexts.groups`.
     """
     s = resolve(spec, text_field=text_field, label_field=label_field, max_rows=max_rows,
                 seed=seed)
@@ -407,23 +429,28 @@ def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
             f'[{s.split}]' if s.split else '')
     if isinstance(table, datasets.DatasetDict):  # hub id without split=
         raise ValueError(f'dataset {s.name!r}: give split=, one of {list(table.keys())}')
-    for field in (s.text_field, s.label_field):
+    if group_field and s.dedupe:
+        raise ValueError(f'dataset {s.name!r}: dedupe=True and group_field cannot be combined '
+                         '(splits keep copies together anyway: data.duplicates)')
+    for field in (s.text_field, s.label_field) + ((group_field,) if group_field else ()):
         if field not in table.column_names:
             raise ValueError(f'dataset {s.name!r} ({source}): no column {field!r}; columns '
                              f'present: {table.column_names}')
     feature = table.features[s.label_field]
     class_names = getattr(feature, 'names', None)  # datasets.ClassLabel
     raw_texts, raw_labels = list(table[s.text_field]), list(table[s.label_field])
+    raw_groups = list(table[group_field]) if group_field else [None] * len(raw_texts)
 
-    texts, labels = [], []
-    for t, y in zip(raw_texts, raw_labels):
-        if _is_missing(t) or _is_missing(y):
+    texts, labels, groups = [], [], []
+    for t, y, g in zip(raw_texts, raw_labels, raw_groups):
+        if _is_missing(t) or _is_missing(y) or (group_field and _is_missing(g)):
             continue
         t = t if isinstance(t, str) else str(t)
         if not t.strip():
             continue
         texts.append(t)
         labels.append(y)
+        groups.append(None if g is None else str(g))
     if s.dedupe:
         texts, labels = _dedupe(texts, labels)
     dropped = len(raw_texts) - len(texts)
@@ -433,7 +460,8 @@ def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
     codes, names = encode_labels(labels, name=s.name, class_names=class_names,
                                  max_classes=s.max_classes, check_continuous=check_continuous)
     out = LabeledTexts(texts=texts, labels=codes, label_names=names, name=s.name,
-                       source=source, num_dropped=dropped)
+                       source=source, num_dropped=dropped,
+                       groups=groups if group_field else None)
     if 0 < s.max_rows < len(out):
         out = out.subset(_stratified_subset(codes, s.max_rows, s.seed))
         present = np.unique(out.labels)

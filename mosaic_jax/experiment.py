@@ -22,8 +22,10 @@ from mosaic_jax import parallel
 from mosaic_jax import probe
 from mosaic_jax import report
 from mosaic_jax import results
+from mosaic_jax import selection
 from mosaic_jax import splits as splits_lib
 from mosaic_jax import steps
+from mosaic_jax import transfer as transfer_lib
 from mosaic_jax.checks import UserError
 from mosaic_jax.evaluation import ProbeOptions, ProbeResult
 from mosaic_jax.variants import SAEKey, Variant
@@ -106,13 +108,16 @@ def run(config) -> list[dict]:
     t0 = time.perf_counter()
     ctx = _context(config, timings, t0)
     rows: list[dict] = []
-    for name in config.data.datasets:
-        rows += _dataset(ctx, name, timings)
+    transfer: tuple[list, list] = ([], [])
+    for name in dataset_names(config):
+        rows += _dataset(ctx, name, timings, transfer)
     timings['total'] = time.perf_counter() - t0
     print(results.format_table(rows, ctx.opts.metric_names), flush=True)
     if ctx.writer:
         run_folder = _run_folder(ctx)
         results.write_summary(os.path.join(run_folder, 'summary.csv'), rows, ctx.opts.metric_names)
+        if transfer[0]:
+            transfer_lib.write(run_folder, *transfer)
         if len(_seeds(config)) > 1:
             results.write_seed_summary(os.path.join(run_folder, 'seeds.csv'), rows,
                                        ctx.opts.metric_names)
@@ -138,13 +143,27 @@ def _run_folder(ctx: Context) -> str:
     return os.path.join(c.workdir, results.safe_name(c.model.name), '_runs', ctx.run_id)
 
 
+def dataset_names(config) -> list[str]:
+    """The run's datasets: data.datasets, plus the combined grouped one (data.group_name)
+    when data.group_parts lists 'group=spec' parts."""
+    names = list(config.data.datasets)
+    return names + [config.data.group_name] if config.data.group_parts else names
+
+
+def _read(config, name: str) -> data.LabeledTexts:
+    kw = dict(text_field=config.data.text_field, label_field=config.data.label_field,
+              max_rows=config.data.max_rows, seed=config.seed)
+    if config.data.group_parts and name == config.data.group_name:
+        parts = [p.split('=', 1) for p in config.data.group_parts]
+        return data.combine([(g, data.load(spec, **kw)) for g, spec in parts], name)
+    return data.load(name, group_field=config.data.group_field, **kw)
+
+
 def _load(ctx: Context, name: str) -> data.LabeledTexts:
     """One dataset, rare classes dropped when the config allows it."""
     config = ctx.config
     try:
-        ds = data.load(name, text_field=config.data.text_field,
-                       label_field=config.data.label_field, max_rows=config.data.max_rows,
-                       seed=config.seed)
+        ds = _read(config, name)
         if config.data.drop_rare_classes:
             ds, dropped = splits_lib.drop_rare_classes(
                 ds, splits_lib.min_class_count(tuple(config.data.fractions)),
@@ -184,7 +203,7 @@ def _split(ctx: Context, ds: data.LabeledTexts, seed: int, *, write: bool,
     return sp
 
 
-def _dataset(ctx: Context, name: str, timings: dict) -> list[dict]:
+def _dataset(ctx: Context, name: str, timings: dict, transfer: tuple[list, list]) -> list[dict]:
     """One dataset end to end: extraction once, then split + probes for every seed (result
     JSONs for the first seed); timings gain '<name>/load_tokenize', '/extract', ..."""
     config = ctx.config
@@ -203,6 +222,13 @@ def _dataset(ctx: Context, name: str, timings: dict) -> list[dict]:
         timings[f'{name}/extract'] = time.perf_counter() - t
         logging.info('%s: extracted %d texts (%d tokens) in %.1fs', name, len(ids),
                      sum(len(i) for i in ids), timings[f'{name}/extract'])
+    if ds.groups is not None:
+        if feats is None:
+            raise UserError(f'dataset {name!r} is grouped (transfer): use probe.train=cached')
+        t = time.perf_counter()
+        rows = _transfer_dataset(ctx, ds, feats, transfer)
+        timings[f'{name}/transfer'] = time.perf_counter() - t
+        return rows
     seeds = _seeds(config)
     rows = []
     t = time.perf_counter()
@@ -298,6 +324,7 @@ def _sae_probes(ctx: Context, prep: Prepared, feats, key: SAEKey, hidden: dict,
                                                groups=prep.groups)
             rows.append(_variant_row(prep, 'sae', v, fitted[v], headline=head))
     best = max(fitted.values(), key=lambda r: r.val[head])  # ties: the first variant
+    rows += _sparse_probes(ctx, prep, feats[best.key], best.key)
     tree = None
     if 'decision_tree' in ctx.config.baselines:
         tree = evaluation.fit_tree(best.key, feats[best.key], y, prep.splits, ctx.opts,
@@ -311,6 +338,20 @@ def _sae_probes(ctx: Context, prep: Prepared, feats, key: SAEKey, hidden: dict,
                                      best=best, fitted=fitted, tree=tree, hidden=hidden,
                                      cv=_cv(ctx, prep, feats, best, hidden), meta=meta)
         results.write_variant_files(folder, files)
+    return rows
+
+
+def _sparse_probes(ctx: Context, prep: Prepared, x: np.ndarray, v: Variant) -> list[dict]:
+    """k-sparse probes of one variant: k latents chosen on the training rows only."""
+    pc, y, tr = ctx.config.probe, prep.ds.labels, prep.splits[0]
+    rows = []
+    for k in pc.sparse_k:
+        idx = selection.select_features(x[tr], y[tr], int(k), method=pc.sparse_method,
+                                        num_classes=prep.num_classes)
+        res = evaluation.fit_variant(v, x[:, idx], y, prep.splits, ctx.opts,
+                                     num_classes=prep.num_classes, groups=prep.groups)
+        rows.append(_variant_row(prep, 'sparse', v, res, headline=ctx.opts.headline,
+                                 k=len(idx)))
     return rows
 
 
@@ -373,3 +414,62 @@ def _top_n(ctx: Context, pooling: str) -> int:
     """The (first) configured top_n of a pooling that reads it, else 0."""
     tops = {v.top_n for v in ctx.spec.variants if v.pooling == pooling}
     return min(tops) if tops else 0
+
+
+def _transfer_methods(ctx: Context, ds, feats, gr) -> list[tuple[dict, ProbeResult, object]]:
+    """(identity, result, rows -> proba) of every method trained on one group: the chosen
+    variant of each SAE, each hidden baseline, TF-IDF."""
+    y, C, opts = ds.labels, ds.num_classes, ctx.opts
+    hopts = opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
+    fit = lambda key, o: evaluation.fit_variant(key, feats[key], y, gr.splits, o,  # noqa: E731
+                                                num_classes=C)
+    out = []
+    for key in ctx.saes:
+        cands = [fit(v, opts) for v in ctx.spec.variants if v.sae == key]
+        best = max(cands, key=lambda r: r.val[opts.headline])
+        v = best.key
+        out.append((dict(layer=v.layer, width=v.width, kind='sae', variant=v.name,
+                         top_n=v.top_n), best, _prober(best, feats[v])))
+    for hv, _ in ctx.spec.hidden:
+        res = fit(hv, hopts)
+        out.append((dict(layer=hv.layer, width='-', kind='hidden', variant=hv.name), res,
+                      _prober(res, feats[hv])))
+    if 'tfidf' in ctx.config.baselines:
+        res = evaluation.fit_tfidf(ds.texts, y, gr.splits, opts, num_classes=C)
+        out.append((dict(layer='-', width='-', kind='tfidf', variant='tfidf'), res,
+                    lambda r, m=res.params: baselines.predict_proba(
+                        m, [ds.texts[i] for i in r], C)))
+    return out
+
+
+def _prober(res: ProbeResult, x: np.ndarray):
+    return lambda rows: np.asarray(probe.predict_proba(res.params, np.asarray(x[rows],
+                                                                            np.float32)))
+
+
+def _transfer_dataset(ctx: Context, ds, feats, out: tuple[list, list]) -> list[dict]:
+    """Train on each training group, test on every group (transfer.py); summary rows are
+    the in-group results."""
+    config = ctx.config
+    try:
+        groups = transfer_lib.train_groups(ds.groups, tuple(config.data.train_groups))
+    except ValueError as e:
+        raise UserError(f'dataset {ds.name!r}: {e}') from e
+    sp = _split(ctx, ds, config.seed, write=ctx.writer)
+    rows = []
+    for g in groups:
+        gr = transfer_lib.group_rows(ds.groups, ds.texts, tuple(sp), g)
+        prep = Prepared(ds, gr.splits, [], 0, splits_lib.text_groups(ds.texts))
+        for ident, res, predict in _transfer_methods(ctx, ds, feats, gr):
+            ident = dict(ident, dataset=ds.name)
+            out[0].extend(transfer_lib.transfer_rows(res, predict, ds.labels, gr, ctx.opts,
+                                                     **ident))
+            if ident['kind'] == 'sae':
+                out[1].extend(transfer_lib.feature_overlap(
+                    res, feats[res.key], ds.labels, gr, ctx.opts, ds.label_names,
+                    ds.num_classes, **ident))
+            kind = ident.pop('kind')
+            ident.pop('dataset')
+            rows.append(_row(prep, kind, res, headline=ctx.opts.headline, **ident,
+                             train_group=g))
+    return _mark_selected(rows, config.seed)

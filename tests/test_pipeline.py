@@ -345,6 +345,7 @@ def test_main_seeds_and_cv_selection(tiny, tmp_path):
     probe.select=cv chooses by grouped K-fold CV on train + val."""
     r = _main(tiny, tmp_path, '--config.run_id=s', '--config.seeds=(0,1)',
               '--config.probe.select=cv', '--config.probe.select_folds=3',
+              '--config.probe.sparse_k=(1,5,0)',
               "--config.baselines=('hidden_mean','tfidf')", "--config.features.pooling=('mean',)",
               '--config.cv_folds=0')
     assert r.returncode == 0, r.stderr[-4000:]
@@ -365,6 +366,13 @@ def test_main_seeds_and_cv_selection(tiny, tmp_path):
     s1 = [r['split'] for r in csv.DictReader(open(run / 'splits' / '95_toxic_is_seed1.csv'))]
     assert s0 != s1  # a new split per seed
     assert r.stderr.count('extracted 200 texts') == 1  # features extracted once, not per seed
+    sparse = [r for r in rows if r['kind'] == 'sparse' and r['seed'] == '0']
+    assert sorted(int(r['k']) for r in sparse) == sorted([1, 5, WIDTH] * len(LAYERS))
+    for r in sparse:  # k = all features is the chosen variant's own probe
+        if int(r['k']) == WIDTH:
+            same = [x for x in rows if x['kind'] == 'sae' and x['seed'] == '0'
+                    and x['layer'] == r['layer'] and x['variant'] == r['variant']]
+            assert same[0]['macro_f1'] == r['macro_f1']
 
 
 def _safe_top_ns(loaded, candidates=(2, 3, 4, 5, 6, 7, 9, 11), margin=1e-5) -> list[int]:
@@ -412,3 +420,47 @@ def test_top_n_sweep_in_one_pass_equals_one_run_per_top_n(loaded):
                 np.testing.assert_allclose(sweep[v], x, atol=1e-5, rtol=1e-5, err_msg=v.name)
     assert not np.array_equal(sweep[Variant(key, 'mosaic', tops[0])],
                               sweep[Variant(key, 'mosaic', tops[1])])
+
+
+def test_main_cross_group_transfer(tiny, tmp_path):
+    """Train on each group of a two-language file, test on both: the matrix, the subsets
+    each cell is scored on, and the in-group cell equal to the summary's in-group result."""
+    ds = tiny['ds']
+    other = [' '.join(w[::-1] for w in t.split()) for t in ds.texts]  # a "second language"
+    path = tmp_path / 'multi.csv'
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['prompt', 'target', 'lang'])
+        for t, o, y in zip(ds.texts, other, ds.labels):
+            w.writerow([t, int(y), 'en'])
+            w.writerow([o, int(y), 'xx'])
+    r = _main(tiny, tmp_path, '--config.run_id=t', f"--config.data.datasets=('{path}',)",
+              '--config.data.group_field=lang', '--config.data.max_rows=0',
+              "--config.baselines=('hidden_last','tfidf')",
+              "--config.features.pooling=('mean',)", '--config.cv_folds=0')
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = tmp_path / 'tiny' / '_runs' / 't'
+    cells = list(csv.DictReader(open(run / 'transfer.csv')))
+    methods = {(c['kind'], c['layer'], c['width']) for c in cells}
+    assert len(methods) == len(LAYERS) * 2 + 1  # an SAE and a hidden probe per layer, TF-IDF
+    assert {(c['train_group'], c['test_group']) for c in cells} == {
+        ('en', 'en'), ('en', 'xx'), ('xx', 'xx'), ('xx', 'en')}
+    assert len(cells) == 4 * len(methods)
+    split = list(csv.DictReader(open(run / 'splits' / 'multi.csv')))
+    assert len(split) == 2 * N_ROWS  # file order kept (max_rows=0): even rows en, odd xx
+    n_test = {g: sum(1 for s in split if s['split'] == 'test'
+                     and int(s['index']) % 2 == (g == 'xx')) for g in ('en', 'xx')}
+    for c in cells:
+        if c['train_group'] == c['test_group']:  # own test split
+            assert int(c['n_test']) == n_test[c['test_group']]
+        else:  # every row of the other group (copies of training texts aside)
+            assert 0.9 * N_ROWS <= int(c['n_test']) <= N_ROWS
+        assert float(c['macro_f1_lo']) <= float(c['macro_f1']) <= float(c['macro_f1_hi'])
+    summary = list(csv.DictReader(open(run / 'summary.csv')))
+    for c in cells:
+        if c['train_group'] == c['test_group'] == 'en' and c['kind'] == 'tfidf':
+            s = [x for x in summary if x['kind'] == 'tfidf' and x['n_test'] == c['n_test']]
+            assert s and float(s[0]['macro_f1']) == pytest.approx(float(c['macro_f1']),
+                                                                  abs=1e-4)
+    overlap = list(csv.DictReader(open(run / 'feature_overlap.csv')))
+    assert overlap and all(0.0 <= float(o['overlap']) <= 1.0 for o in overlap)

@@ -72,7 +72,7 @@ def test_write_summary_default_columns(tmp_path):
                                  _row(kind='tfidf', C=None, binarized=np.bool_(False))])
     fields, rows = _read(path)
     assert fields == ['dataset', 'layer', 'width', 'kind', 'variant', 'pooling', 'binarized',
-                      'top_n', 'selected', 'seed', 'C',
+                      'top_n', 'k', 'selected', 'seed', 'C',
                       'macro_f1', 'macro_f1_lo', 'macro_f1_hi', 'accuracy', 'accuracy_lo',
                       'accuracy_hi', 'roc_auc', 'roc_auc_lo', 'roc_auc_hi',
                       'n_train', 'n_test', 'seconds']

@@ -7,7 +7,9 @@ themselves never see the config.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import tempfile
 import time
 
 from absl import logging
@@ -44,6 +46,9 @@ class Context:
     opts: ProbeOptions
     run_id: str
     writer: bool
+    # Result writes of this run, done only after every dataset succeeded (a failed run
+    # leaves none of its own files behind).
+    pending: list = dataclasses.field(default_factory=list)
 
     def batches(self, ids, subset=None):
         sel = ids if subset is None else [ids[i] for i in subset]
@@ -103,17 +108,25 @@ def run(config) -> list[dict]:
     checks.validate(config)
     if config.mode == 'report':
         return _report_only(config)
-    parallel.configure_process(config)
-    timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    # Everything cheap first: a bad dataset or workdir fails before the model loads.
+    check_workdir(config.workdir)
+    datasets = {name: _load(config, name) for name in dataset_names(config)}
+    for ds in datasets.values():  # rare classes, empty splits: input-only problems
+        for seed in _seeds(config):
+            _split_or_error(config, ds, seed)
+    parallel.configure_process(config)
+    timings: dict[str, float] = {'load_datasets': time.perf_counter() - t0}
     ctx = _context(config, timings, t0)
     rows: list[dict] = []
     transfer: tuple[list, list] = ([], [])
-    for name in dataset_names(config):
-        rows += _dataset(ctx, name, timings, transfer)
+    for name, ds in datasets.items():
+        rows += _dataset(ctx, name, ds, timings, transfer)
     timings['total'] = time.perf_counter() - t0
     print(results.format_table(rows, ctx.opts.metric_names), flush=True)
     if ctx.writer:
+        for write in ctx.pending:
+            write()
         run_folder = _run_folder(ctx)
         results.write_summary(os.path.join(run_folder, 'summary.csv'), rows, ctx.opts.metric_names)
         if transfer[0]:
@@ -159,9 +172,19 @@ def _read(config, name: str) -> data.LabeledTexts:
     return data.load(name, group_field=config.data.group_field, **kw)
 
 
-def _load(ctx: Context, name: str) -> data.LabeledTexts:
+def check_workdir(workdir: str) -> None:
+    """The workdir exists or can be made, and a file can be written in it."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix='.mosaic_check_'):
+            pass
+    except OSError as e:
+        raise UserError(f'workdir {workdir!r} is not writable ({e.strerror or e}); pass '
+                        '--config.workdir=DIR') from None
+
+
+def _load(config, name: str) -> data.LabeledTexts:
     """One dataset, rare classes dropped when the config allows it."""
-    config = ctx.config
     try:
         ds = _read(config, name)
         if config.data.drop_rare_classes:
@@ -181,16 +204,19 @@ def _seeds(config) -> tuple[int, ...]:
     return tuple(int(s) for s in config.seeds) or (int(config.seed),)
 
 
+def _split_or_error(config, ds: data.LabeledTexts, seed: int) -> splits_lib.Split:
+    try:
+        return splits_lib.split(ds.labels, seed=seed, fractions=tuple(config.data.fractions),
+                                texts=ds.texts, duplicates=config.data.duplicates,
+                                class_names=ds.label_names)
+    except ValueError as e:
+        raise UserError(f'dataset {ds.name!r}: {e}') from e
+
+
 def _split(ctx: Context, ds: data.LabeledTexts, seed: int, *, write: bool,
            tag: str = '') -> splits_lib.Split:
     """The duplicate-safe split, logged and written for audit (splits/<dataset><tag>.csv)."""
-    config = ctx.config
-    try:
-        sp = splits_lib.split(ds.labels, seed=seed, fractions=tuple(config.data.fractions),
-                              texts=ds.texts, duplicates=config.data.duplicates,
-                              class_names=ds.label_names)
-    except ValueError as e:
-        raise UserError(f'dataset {ds.name!r}: {e}') from e
+    sp = _split_or_error(ctx.config, ds, seed)
     a = sp.audit
     logging.info('%s: %d rows, %d repeat an earlier text (%d texts repeated, %d with '
                  'conflicting labels); duplicates=%s, %d rows dropped', ds.name, a.n_rows,
@@ -199,16 +225,17 @@ def _split(ctx: Context, ds: data.LabeledTexts, seed: int, *, write: bool,
     if write:
         path = os.path.join(_run_folder(ctx), 'splits',
                             f'{results.safe_name(ds.name)}{tag}.csv')
-        splits_lib.write_split_csv(path, sp, ds.labels, ds.texts, ds.label_names)
+        ctx.pending.append(functools.partial(splits_lib.write_split_csv, path, sp, ds.labels,
+                                             ds.texts, ds.label_names))
     return sp
 
 
-def _dataset(ctx: Context, name: str, timings: dict, transfer: tuple[list, list]) -> list[dict]:
+def _dataset(ctx: Context, name: str, ds: data.LabeledTexts, timings: dict,
+             transfer: tuple[list, list]) -> list[dict]:
     """One dataset end to end: extraction once, then split + probes for every seed (result
     JSONs for the first seed); timings gain '<name>/load_tokenize', '/extract', ..."""
     config = ctx.config
     t = time.perf_counter()
-    ds = _load(ctx, name)
     ids, n_trunc = data.tokenize(ds.texts, ctx.tokenizer, config.model.max_length)
     if n_trunc:
         logging.info('%s: %d of %d texts truncated to %d tokens', name, n_trunc, len(ids),
@@ -337,7 +364,7 @@ def _sae_probes(ctx: Context, prep: Prepared, feats, key: SAEKey, hidden: dict,
         files = results.VariantFiles(config=ctx.config, ds=prep.ds, key=key, y_test=y[te],
                                      best=best, fitted=fitted, tree=tree, hidden=hidden,
                                      cv=_cv(ctx, prep, feats, best, hidden), meta=meta)
-        results.write_variant_files(folder, files)
+        ctx.pending.append(functools.partial(results.write_variant_files, folder, files))
     return rows
 
 

@@ -2,6 +2,8 @@
 
 Attribute names are google-deepmind/gemma's checkpoint keys (`input_embedding`, `q_einsum`,
 `kv_einsum`, `attn_vec_einsum`, `gating_einsum`, `linear`, `pre_attention_norm`, ...).
+`Attention.cached` / `Block.cached` are the same computations over a fixed-size KV cache
+(incremental decoding, see `transformer.KVCache`); `__call__` never touches a cache.
 """
 from __future__ import annotations
 
@@ -98,13 +100,46 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """x: [B, L, D], positions: int[B, L], mask: bool[B, L(query), L(key)] -> [B, L, D]."""
+        q, k, v = self.project(x, positions)
+        return self.attend(q, k, v, mask)
+
+    def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, keys: jax.Array,
+               values: jax.Array, start: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Attention of a chunk of L new tokens over a fixed-size KV cache of T slots.
+
+        The chunk's keys and values are first written into slots start..start+L-1, then
+        its queries attend over all T slots.
+
+        Args:
+          x: [B, L, D] the new tokens' (normed) stream.
+          positions: int[B, L] their RoPE positions.
+          mask: bool[B, L(query), T(slot)] which cache slots each new token may read.
+          keys, values: [B, T, K, H] this layer's cache.
+          start: int32[] first slot of the chunk (start + L <= T).
+        Returns:
+          ([B, L, D] attention output, updated keys, updated values).
+        """
+        q, k, v = self.project(x, positions)                    # [B, L, N|K, H]
+        at = (0, start, 0, 0)
+        keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype), at)      # [B, T, K, H]
+        values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype), at)
+        return self.attend(q, keys, values, mask), keys, values
+
+    def project(self, x: jax.Array, positions: jax.Array
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, L, D], positions: int[B, L] -> q [B, L, N, H], k and v [B, L, K, H], with
+        QK norm (Gemma 3) and RoPE applied to q and k."""
         q = self.q_einsum('BLD,NDH->BLNH', x)                   # [B, L, N, H]
         k, v = self.kv_einsum('BSD,CKDH->CBSKH', x)             # 2 x [B, S, K, H]
         if self.use_qk_norm:  # normalised before RoPE, as in Gemma 3
             q, k = self.query_norm(q), self.key_norm(k)
         q = apply_rope(q, positions, self.rope_base, self.rope_scale)
         k = apply_rope(k, positions, self.rope_base, self.rope_scale)
+        return q, k, v
 
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """q: [B, L, N, H], k and v: [B, S, K, H], mask: bool[B, L, S] -> [B, L, D]."""
         b, l, n, h = q.shape
         # Query head n reads KV head n // G (transformers' repeat_kv order).
         q = q.reshape(b, l, self.num_kv_heads, n // self.num_kv_heads, h)  # [B, L, K, G, H]
@@ -148,4 +183,21 @@ class Block(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
         """x: [B, L, D] residual stream in; the stream after this block out."""
         x = x + self.post_attention_norm(self.attn(self.pre_attention_norm(x), positions, mask))
+        return self._ffw_residual(x)
+
+    def cached(self, x: jax.Array, positions: jax.Array, mask: jax.Array, keys: jax.Array,
+               values: jax.Array, start: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`__call__` for L new tokens reading and extending a KV cache (`Attention.cached`).
+
+        x: [B, L, D], mask: bool[B, L, T], keys / values: [B, T, K, H], start: int32[].
+        Returns the stream after this block [B, L, D] and the updated keys and values.
+        """
+        h, keys, values = self.attn.cached(self.pre_attention_norm(x), positions, mask, keys,
+                                           values, start)
+        x = x + self.post_attention_norm(h)
+        return self._ffw_residual(x), keys, values
+
+    def _ffw_residual(self, x: jax.Array) -> jax.Array:
+        """[B, L, D] -> [B, L, D]: the stream plus the post-normed MLP of its pre-norm."""
         return x + self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))

@@ -10,6 +10,10 @@ A forward pass is `head(run_blocks(embed(ids), attention_info(mask), 0, num_laye
 `__call__` is exactly that composition (plus captures and early stopping), and code that
 needs to intervene mid-stream (e.g. splicing an SAE reconstruction in after a block) calls
 the same public pieces rather than the submodules.
+
+Incremental decoding: `init_cache` makes an empty fixed-size `KVCache` and `extend` feeds
+it a chunk of tokens (a whole left-padded prompt, then one token per step), returning the
+chunk's logits; `models.generate` builds greedy decoding on them.
 """
 from __future__ import annotations
 
@@ -76,11 +80,64 @@ class AttentionInfo:
     masks: dict[AttentionType, jax.Array]
 
 
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every token fed so far, in T fixed slots; see `Transformer.extend`.
+
+    Every row of the batch advances in lock-step: slot s holds the s-th token fed to each
+    row, padding included (a left-padded prompt of length P fills slots 0..P-1, the next
+    decoded token slot P, ...). Padding slots are marked invalid and never read.
+
+    Attributes:
+      keys, values: one [B, T, K, H] per block, keys with RoPE applied.
+      valid: bool[B, T], the slot holds a real (unmasked) token.
+      positions: int32[B, T], the RoPE position of each slot's token (0 on padding and on
+        slots not filled yet).
+      length: int32[], slots filled so far (the next chunk starts there).
+    """
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    positions: jax.Array
+    length: jax.Array
+
+
+def cached_positions_and_masks(attention_mask: jax.Array, cache: KVCache,
+                               sliding_window: int | None):
+    """`positions_and_masks` for a chunk of new tokens appended to a cache.
+
+    Args:
+      attention_mask: [B, L], nonzero on the chunk's real tokens.
+      cache: the cache before the chunk (it goes into slots length..length+L-1).
+      sliding_window: as in `positions_and_masks`.
+    Returns:
+      positions int32[B, L] (the row's real tokens so far + cumsum(mask) - 1, clipped at
+      0: on a fresh cache exactly `positions_and_masks`'), {AttentionType: bool[B, L, T]}
+      (causal in slot, invalid slots hidden, sliding layers `q_pos - k_pos < window`), and
+      the cache's updated (valid [B, T], positions [B, T]).
+    """
+    new_valid = attention_mask.astype(bool)                           # [B, L]
+    seen = jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)             # [B]
+    positions = jnp.maximum(
+        seen[:, None] + jnp.cumsum(new_valid, axis=-1, dtype=jnp.int32) - 1, 0)
+    at = (0, cache.length)
+    valid = jax.lax.dynamic_update_slice(cache.valid, new_valid, at)            # [B, T]
+    key_pos = jax.lax.dynamic_update_slice(cache.positions, positions, at)      # [B, T]
+    q_slot = cache.length + jnp.arange(new_valid.shape[-1])                       # [L]
+    causal = jnp.arange(valid.shape[-1])[None, :] <= q_slot[:, None]              # [L, T]
+    full = causal[None] & valid[:, None, :]                                       # [B, L, T]
+    masks = {AttentionType.GLOBAL: full}
+    if sliding_window:
+        dist = positions[:, :, None] - key_pos[:, None, :]                        # [B, L, T]
+        masks[AttentionType.LOCAL_SLIDING] = full & (dist < sliding_window)
+    return positions, masks, (valid, key_pos)
+
+
 class Transformer(nnx.Module):
     """Gemma decoder: embedder, `layers[i]` blocks, `final_norm`, tied soft-capped head.
 
     Public pieces: `attention_info`, `embed`, `run_blocks`, `head`; `__call__` and
-    `residuals` are built from them.
+    `residuals` are built from them. `init_cache` / `extend` are the KV-cached forward.
     """
 
     def __init__(self, config: GemmaConfig, *, dtype='float32', rngs: nnx.Rngs):
@@ -125,6 +182,46 @@ class Transformer(nnx.Module):
         logits = self.embedder.decode(self.final_norm(x.astype(self.dtype)))
         cap = self.config.final_logit_softcapping
         return modules.soft_cap(logits.astype(jnp.float32), cap)
+
+    def init_cache(self, batch: int, size: int) -> KVCache:
+        """An empty `KVCache` of `size` slots per row (prompt length + tokens to decode),
+        in the compute dtype."""
+        cfg = self.config
+        shape = (batch, size, cfg.num_kv_heads, cfg.head_dim)           # [B, T, K, H]
+        zeros = tuple(jnp.zeros(shape, self.dtype) for _ in range(cfg.num_layers))
+        return KVCache(keys=zeros, values=zeros, valid=jnp.zeros((batch, size), bool),
+                       positions=jnp.zeros((batch, size), jnp.int32),
+                       length=jnp.zeros((), jnp.int32))
+
+    def extend(self, input_ids: jax.Array, attention_mask: jax.Array | None, cache: KVCache,
+               *, last_only: bool = False) -> tuple[jax.Array, KVCache]:
+        """Feeds a chunk of tokens through every block, reading and extending the cache.
+
+        On a fresh cache with a whole left-padded prompt this is `__call__` (same positions
+        and masks; the attention also spans the cache's empty slots, which are masked out),
+        and each later one-token chunk continues it as if the sequence had been fed whole.
+
+        Args:
+          input_ids: int[B, L], the next L tokens of every row (cache.length + L <= T).
+          attention_mask: [B, L], 1 on real tokens; None means all real.
+          cache: from `init_cache` or a previous `extend`.
+          last_only: compute the head on the chunk's last token only (logits [B, 1, V]);
+            with left padding that is every row's newest real token.
+        Returns:
+          (float32 logits [B, L or 1, V], the cache holding the chunk too).
+        """
+        if attention_mask is None:
+            attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        positions, masks, (valid, key_pos) = cached_positions_and_masks(
+            attention_mask, cache, self.config.sliding_window)
+        x = self.embed(input_ids)                                     # [B, L, D]
+        keys, values = list(cache.keys), list(cache.values)
+        for i, block in enumerate(self.layers):
+            x, keys[i], values[i] = block.cached(x, positions, masks[block.attn.attn_type],
+                                                 keys[i], values[i], cache.length)
+        cache = KVCache(keys=tuple(keys), values=tuple(values), valid=valid,
+                        positions=key_pos, length=cache.length + input_ids.shape[-1])
+        return self.head(x[:, -1:] if last_only else x), cache
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  capture: Sequence[int] = (), *, return_logits: bool = True) -> Output:

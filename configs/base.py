@@ -164,6 +164,18 @@ def get_config(arg=None):
     # Use gloo collectives on CPU (multi-process CPU runs and tests).
     c.parallel.cpu_collectives = ''
 
+    # mode='label_correctness': greedy answers of model.path over a question set, labelled
+    # correct / wrong (correctness.py) -> _runs/<run_id>/correctness.csv, a dataset for a
+    # classify run on another model's features (cross-model transfer).
+    c.correctness = ml_collections.ConfigDict()
+    c.correctness.source = 'builtin:arithmetic'  # or a dataset spec with the fields below
+    c.correctness.question_field = 'question'
+    c.correctness.answer_field = 'answer'
+    c.correctness.answer_kind = 'exact'  # 'exact' (normalised match) or 'choice' (A-E)
+    c.correctness.n = 200
+    c.correctness.max_new_tokens = 6
+    c.correctness.batch_size = 16
+
     # Write the HTML report after classification.
     c.report = True
     return c

@@ -40,7 +40,7 @@ def _model_problems(config) -> list[str]:
     if config.model.layer_convention == 'hf_hidden_states' and 0 in config.layers:
         problems.append('layers contains 0 with layer_convention=hf_hidden_states: '
                         'hidden_states[0] is the embedding output, not a block residual')
-    if config.mode == 'classify' and not config.model.path:
+    if config.mode != 'report' and not config.model.path:
         problems.append('model.path is empty: pass --config.model.path=DIR (local weights), '
                         'a hub id, a .gguf file or gemma3_270m')
     return problems
@@ -107,7 +107,10 @@ def validate(config) -> None:
       UserError: naming every problem found.
     """
     problems = []
-    _choice(problems, 'mode', config.mode, ('classify', 'report'))
+    _choice(problems, 'mode', config.mode, ('classify', 'report', 'label_correctness'))
+    if config.mode == 'label_correctness':
+        _choice(problems, 'correctness.answer_kind', config.correctness.answer_kind,
+                ('exact', 'choice'))
     _choice(problems, 'parallel.mode', config.parallel.mode, [m.value for m in parallel.Mode])
     _choice(problems, 'data.duplicates', config.data.duplicates,
             [d.value for d in Duplicates])

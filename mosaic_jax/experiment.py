@@ -18,6 +18,7 @@ import numpy as np
 from mosaic_jax import assets
 from mosaic_jax import baselines
 from mosaic_jax import checks
+from mosaic_jax import correctness
 from mosaic_jax import data
 from mosaic_jax import evaluation
 from mosaic_jax import parallel
@@ -108,6 +109,14 @@ def run(config) -> list[dict]:
     checks.validate(config)
     if config.mode == 'report':
         return _report_only(config)
+    if config.mode == 'label_correctness':
+        check_workdir(config.workdir)
+        parallel.configure_process(config)
+        run_id = parallel.sync_run_id(config.run_id or results.new_run_id())
+        folder = os.path.join(config.workdir, results.safe_name(config.model.name), '_runs',
+                              run_id)
+        correctness.label(config, folder)
+        return []
     t0 = time.perf_counter()
     # Everything cheap first: a bad dataset or workdir fails before the model loads.
     check_workdir(config.workdir)

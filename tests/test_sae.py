@@ -1,13 +1,17 @@
 """sae.py: JumpReLU encode/decode against numpy, chunking, fused pooling, loaders and errors."""
 import json
 import os
+import shutil
 
+import huggingface_hub
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
-from mosaic_jax import features, sae
+from mosaic_jax import checkpoint, features, sae
 
 D, F = 48, 200
 
@@ -111,7 +115,6 @@ def _write_npz(folder, arrays):
 
 
 def _write_saelens(folder, arrays, **cfg):
-    from safetensors.numpy import save_file
     os.makedirs(folder, exist_ok=True)
     save_file(arrays, os.path.join(folder, 'sae_weights.safetensors'))
     base = dict(architecture='jumprelu', d_in=arrays['W_enc'].shape[0],
@@ -254,3 +257,237 @@ def test_explicit_hub_ref_and_offline_error():
     # conftest sets HF_HUB_OFFLINE=1 (and this machine has no hub access anyway).
     with pytest.raises(FileNotFoundError, match='params.npz.*path'):
         sae.load_sae(ref)
+
+
+# ----------------------------------------------------------------------------- Gemma Scope 2
+
+SCOPE2_REPO = 'google/gemma-scope-2-270m-pt'
+SCOPE2_SUB = 'resid_post/layer_12_width_16k_l0_medium'
+SCOPE2_REF = f'{SCOPE2_REPO}/{SCOPE2_SUB}'
+
+
+def _write_scope2(folder, arrays, config=None, dtype=None):
+    """A Gemma Scope 2 folder: params.safetensors (w_enc, w_dec, b_enc, b_dec, threshold)."""
+    os.makedirs(folder, exist_ok=True)
+    stored = {k[0].lower() + k[1:]: np.ascontiguousarray(v if dtype is None else v.astype(dtype))
+              for k, v in arrays.items()}
+    save_file(stored, os.path.join(folder, 'params.safetensors'))
+    if config is not None:
+        with open(os.path.join(folder, 'config.json'), 'w') as fh:
+            json.dump(config, fh)
+    return os.path.join(folder, 'params.safetensors')
+
+
+def _resid_config(layer=12, width=F, **kw):
+    # A Gemma Scope 2 config.json; SAELens' gemma_3 loader reads architecture, model_name and
+    # hf_hook_point_in (model.layers.L.output: the residual after block L).
+    return dict(architecture='jump_relu', model_name='gemma-v3-270m-pt', width=width, l0=60,
+                hf_hook_point_in=f'model.layers.{layer}.output', **kw)
+
+
+def _encode_error(params, arrays, x) -> float:
+    """Max |encode - float64 JumpReLU formula| (no b_dec subtraction).
+
+    A pre-activation within 1e-5 of its threshold (float32 rounding of the length-D dot
+    product is far below that, see below) may gate either way, so there either value counts.
+    """
+    want, pre = _reference(arrays, x)
+    got = np.asarray(sae.encode(params, x), np.float64)
+    near = np.abs(pre - arrays['threshold']) < 1e-5
+    err = np.where(near, np.minimum(np.abs(got), np.abs(got - np.maximum(pre, 0))),
+                   np.abs(got - want))
+    np.testing.assert_array_equal((got > 0)[~near], (want > 0)[~near])
+    return float(err.max())
+
+
+@pytest.mark.parametrize('d,f,config', [(64, 16384, None),
+                                        (32, 96, _resid_config(layer=7, width=96))])
+def test_scope2_folder_encode_parity(tmp_path, d, f, config):
+    arrays = _arrays(11, d, f)
+    weights = _write_scope2(str(tmp_path / 'layer_7_width_x'), arrays, config)
+    p = sae.load_sae(os.path.dirname(weights), d_model=d)
+    _assert_same(p, sae.load_sae(weights))            # the file itself loads the same
+    assert (p.d_model, p.width, p.apply_b_dec_to_input) == (d, f, False)
+    np.testing.assert_array_equal(np.asarray(p.w_dec), arrays['W_dec'])
+    x = np.random.default_rng(2).normal(0, 1, (3, 7, d)).astype(np.float32)
+    err = _encode_error(p, arrays, x)
+    print(f'Gemma Scope 2 d={d} W={f}: max |encode - float64 formula| = {err:.3g}')
+    # float32 dot products of length d <= 64, |pre| up to ~12 (one float32 ulp there ~1e-6):
+    # observed max 2.8e-6 (d=64) and 1.3e-6 (d=32); 1e-5 leaves a >3x margin.
+    assert err < 1e-5
+    # b_dec ~ N(0, 0.5) is not subtracted: the formula that does subtract it is far off.
+    assert np.abs(np.asarray(sae.encode(p, x)) - _reference(arrays, x, True)[0]).max() > 0.1
+    with pytest.raises(ValueError, match=r'layer 7\).*d_model is %d' % d):
+        sae.load_sae(weights, d_model=d + 1)
+
+
+def test_scope2_bfloat16_file_loads_as_float32(tmp_path):
+    arrays = _arrays(3)
+    weights = _write_scope2(str(tmp_path), arrays, dtype=ml_dtypes.bfloat16)
+    p = sae.load_sae(weights)
+    assert p.w_enc.dtype == jnp.float32
+    # bfloat16 -> float32 is exact, so the loaded values are the bf16-rounded ones exactly.
+    np.testing.assert_array_equal(np.asarray(p.w_enc),
+                                  arrays['W_enc'].astype(ml_dtypes.bfloat16).astype(np.float32))
+    assert sae.peek(str(tmp_path)) == (D, F)
+
+
+@pytest.mark.parametrize('bad,match', [
+    (dict(architecture='topk'), "architecture 'topk'"),
+    (dict(hf_hook_point_in='model.layers.12.self_attn.o_proj.input'), 'not a residual-stream'),
+])
+def test_scope2_config_is_checked(tmp_path, bad, match):
+    _write_scope2(str(tmp_path), _arrays(), dict(_resid_config(), **bad))
+    for fn in (sae.load_sae, sae.peek):
+        with pytest.raises(ValueError, match=match):
+            fn(str(tmp_path))
+
+
+@pytest.mark.parametrize('key,value,match', [
+    ('b_enc', np.zeros(F + 1, np.float32), r'b_enc has shape \(201,\), expected \(200,\)'),
+    # Loaded arrays say int32, the safetensors header (peek) I32.
+    ('threshold', np.ones(F, np.int32), 'tensor threshold has dtype (int32|I32)'),
+    ('W_dec', np.zeros((D, F), np.float32), r'w_dec has shape \(48, 200\)'),
+])
+def test_scope2_bad_tensor_names_file_and_tensor(tmp_path, key, value, match):
+    arrays = dict(_arrays(), **{key: value})
+    weights = _write_scope2(str(tmp_path), arrays)
+    for fn in (sae.load_sae, sae.peek):               # peek finds it from the header alone
+        with pytest.raises(ValueError, match=match) as e:
+            fn(str(tmp_path))
+        assert weights in str(e.value) and '\n' not in str(e.value)
+
+
+def test_scope2_missing_tensor_and_corrupt_file(tmp_path):
+    arrays = _arrays()
+    del arrays['b_dec']
+    _write_scope2(str(tmp_path / 'a'), arrays)
+    with pytest.raises(sae.MissingTensorError) as e:
+        sae.load_sae(str(tmp_path / 'a'))
+    assert isinstance(e.value, ValueError) and str(e.value).startswith(str(tmp_path / 'a'))
+    assert "missing SAE tensor(s) ['b_dec']" in str(e.value)
+    os.makedirs(tmp_path / 'b')
+    (tmp_path / 'b' / 'params.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{bad')
+    for fn in (sae.load_sae, sae.peek):
+        with pytest.raises(ValueError, match='params.safetensors: not a readable'):
+            fn(str(tmp_path / 'b'))
+
+
+# ----------------------------------------------------------------------------- non-finite weights
+
+def _write_orbax(folder, arrays):
+    sae.save_sae(folder, sae.from_arrays(_arrays(), where='x'), {'layer': 2})
+    # save_sae itself refuses nothing; overwrite its params with the poisoned arrays.
+    shutil.rmtree(os.path.join(folder, 'params'))
+    checkpoint.save_pytree(os.path.join(folder, 'params'), arrays)
+
+
+@pytest.mark.parametrize('fmt,key,value', [('npz', 'W_enc', np.nan), ('scope2', 'W_dec', np.inf),
+                                           ('saelens', 'threshold', -np.inf),
+                                           ('orbax', 'b_enc', np.nan)])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, fmt, key, value):
+    arrays = _arrays()
+    arrays[key] = arrays[key].copy()
+    arrays[key].flat[[3, 17]] = value
+    folder = str(tmp_path / fmt)
+    {'npz': _write_npz, 'scope2': _write_scope2, 'saelens': _write_saelens,
+     'orbax': _write_orbax}[fmt](folder, arrays)
+    stored = key.lower() if fmt == 'scope2' else key
+    with pytest.raises(ValueError, match=f'tensor {stored} has 2 non-finite') as e:
+        sae.load_sae(folder)
+    assert folder in str(e.value)
+
+
+# ----------------------------------------------------------------------------- Gemma Scope 2 hub
+
+def test_scope2_hub_ref_parsing():
+    want = (SCOPE2_REPO, f'{SCOPE2_SUB}/params.safetensors')
+    assert sae.resolve_hub_ref(SCOPE2_REF) == want
+    assert sae.resolve_hub_ref(SCOPE2_REF + '/params.safetensors') == want
+    parts = sae.parse_hub_ref('google/gemma-scope-2-270m-it/resid_post_all/'
+                              'layer_17_width_262k_l0_small')
+    assert (parts['layer'], parts['width'], parts['l0'], parts['scope']) == (17, '262k', 'small', 2)
+    # Only residual-stream sites are references: the pipeline feeds nothing else.
+    assert sae.parse_hub_ref(f'{SCOPE2_REPO}/attn_out/layer_12_width_16k_l0_medium') is None
+
+
+def test_scope2_hub_ref_downloads_through_hf_hub_download(tmp_path, monkeypatch):
+    arrays = _arrays(5)
+    weights = _write_scope2(str(tmp_path / 'snap' / SCOPE2_SUB), arrays, _resid_config())
+    calls = []
+
+    def fake_download(repo_id, filename, **kw):
+        calls.append((repo_id, filename))
+        assert (repo_id, filename) == (SCOPE2_REPO, f'{SCOPE2_SUB}/params.safetensors')
+        return weights
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
+    p = sae.load_sae(SCOPE2_REF, d_model=D)
+    assert calls == [(SCOPE2_REPO, f'{SCOPE2_SUB}/params.safetensors')]
+    _assert_same(p, sae.load_sae(weights))
+    with pytest.raises(ValueError, match='layer 12'):
+        sae.load_sae(SCOPE2_REF, d_model=D + 2)
+
+
+def test_scope2_hub_ref_offline_error_is_one_line(monkeypatch):
+    # conftest sets HF_HUB_OFFLINE=1: the real hf_hub_download fails without any network.
+    with pytest.raises(FileNotFoundError) as e:
+        sae.load_sae(SCOPE2_REF)
+    msg = str(e.value)
+    assert '\n' not in msg and 'HF_HUB_OFFLINE=1' in msg
+    assert f'hf download {SCOPE2_REPO} {SCOPE2_SUB}/params.safetensors' in msg
+    assert f'DIR/{SCOPE2_SUB}' in msg
+
+    def unreachable(repo_id, filename, **kw):
+        raise OSError('Connection refused\n  while requesting HEAD https://huggingface.co/...')
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
+    for fn in (sae.load_sae, sae.peek):
+        with pytest.raises(FileNotFoundError, match='OSError: Connection refused while') as e:
+            fn(SCOPE2_REF)
+        assert '\n' not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- peek
+
+def _refuse(*args, **kw):
+    raise AssertionError('peek read tensor data')
+
+
+@pytest.mark.parametrize('fmt', ['npz', 'scope2', 'saelens', 'orbax'])
+def test_peek_reads_shapes_without_tensors(tmp_path, monkeypatch, fmt):
+    folder = str(tmp_path / fmt)
+    if fmt == 'orbax':
+        sae.save_sae(folder, _params(), {'layer': 3})
+    else:
+        {'npz': _write_npz, 'scope2': _write_scope2, 'saelens': _write_saelens}[fmt](
+            folder, _arrays())
+    for target, name in ((sae, 'load_file'), (np, 'load'), (checkpoint, 'restore_pytree'),
+                         (sae, 'from_arrays')):
+        monkeypatch.setattr(target, name, _refuse)
+    assert sae.peek(folder) == (D, F)
+    assert sae.peek(folder, d_model=D) == (D, F)
+    with pytest.raises(ValueError, match='d_model'):
+        sae.peek(folder, d_model=D + 1)
+
+
+def test_peek_missing_sources_raise_like_load_sae(tmp_path):
+    for src in (str(tmp_path), str(tmp_path / 'nope')):
+        with pytest.raises(FileNotFoundError) as peeked:
+            sae.peek(src)
+        with pytest.raises(FileNotFoundError) as loaded:
+            sae.load_sae(src)
+        assert str(peeked.value) == str(loaded.value)
+    with pytest.raises(FileNotFoundError, match='HF_HUB_OFFLINE=1') as e:
+        sae.peek(SCOPE2_REF)                              # offline and not cached
+    assert '\n' not in str(e.value)
+
+
+def test_peek_hub_ref_uses_the_hf_cache(tmp_path, monkeypatch):
+    weights = _write_scope2(str(tmp_path / SCOPE2_SUB), _arrays(), _resid_config())
+    monkeypatch.setattr(huggingface_hub, 'try_to_load_from_cache',
+                        lambda repo, filename, **kw: weights if repo == SCOPE2_REPO else None)
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', _refuse)
+    monkeypatch.setattr(sae, 'load_file', _refuse)
+    assert sae.peek(SCOPE2_REF) == (D, F)

@@ -34,6 +34,21 @@ def resolve_sae_source(template: str, layer: int, width: str) -> str:
     return template.format(layer=layer, width=width)
 
 
+def check_saes(config) -> None:
+    """Every SAE of the grid exists and its width matches its name: read from headers
+    (sae.peek), before the model or any weights load."""
+    for key in sae_grid(config):
+        src = resolve_sae_source(config.sae.source, key.layer, key.width)
+        try:
+            expected = parse_width(key.width)
+            _, width = sae_lib.peek(src)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            raise UserError(f'SAE for layer {key.layer} width {key.width} ({src}): {e}') from e
+        if width != expected:
+            raise UserError(f'SAE {src} has width {width}, but the config names it '
+                            f'{key.width} ({expected})')
+
+
 def load_saes(config, d_model: int) -> dict[SAEKey, Any]:
     """SAEKey -> SAEParams for every SAE of the grid; width checked against its name."""
     saes = {}

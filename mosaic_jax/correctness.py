@@ -12,7 +12,7 @@ It writes `<workdir>/<model>/_runs/<run_id>/correctness.csv` with columns
 classify run on model A: `--config.data.datasets=('<that file>',)`.
 
 `correctness.source='builtin:arithmetic'` builds a small real task offline: few-shot
-two-number additions and subtractions whose answers are known exactly.
+single-digit additions and subtractions whose answers are known exactly.
 """
 from __future__ import annotations
 
@@ -33,17 +33,21 @@ from mosaic_jax.checks import UserError
 from mosaic_jax.models import generate
 
 BUILTIN_ARITHMETIC = 'builtin:arithmetic'
-_FEW_SHOT = 'Q: What is 2 + 3?\nA: 5\nQ: What is 9 - 4?\nA: 5\nQ: What is 12 + 7?\nA: 19\n'
+# Single-digit operands: the 270M base model answers some and misses some, so both labels
+# occur (with two-digit operands it answered 0 of 300).
+_FEW_SHOT = ('Q: What is 2 + 3?\nA: 5\nQ: What is 9 - 4?\nA: 5\nQ: What is 6 + 2?\nA: 8\n'
+             'Q: What is 7 - 7?\nA: 0\n')
 _ARTICLES = re.compile(r'\b(a|an|the)\b')
 _LETTER = re.compile(r'\b([A-E])\b')
 
 
 def arithmetic_questions(n: int, seed: int) -> tuple[list[str], list[str]]:
-    """n few-shot prompts 'Q: What is a ± b?\\nA:' and their exact answers (seeded)."""
+    """n few-shot prompts 'Q: What is a ± b?\\nA:' (digits 0-9, never a negative result)
+    and their exact answers (seeded)."""
     r = np.random.default_rng(seed)
     prompts, answers = [], []
     for _ in range(n):
-        a, b = (int(v) for v in r.integers(1, 60, size=2))
+        a, b = sorted((int(v) for v in r.integers(0, 10, size=2)), reverse=True)
         op = '+' if r.uniform() < 0.5 else '-'
         prompts.append(f'{_FEW_SHOT}Q: What is {a} {op} {b}?\nA:')
         answers.append(str(a + b if op == '+' else a - b))

@@ -120,6 +120,7 @@ def run(config) -> list[dict]:
     t0 = time.perf_counter()
     # Everything cheap first: a bad dataset or workdir fails before the model loads.
     check_workdir(config.workdir)
+    assets.check_saes(config)
     datasets = {name: _load(config, name) for name in dataset_names(config)}
     for ds in datasets.values():  # rare classes, empty splits: input-only problems
         for seed in _seeds(config):

@@ -79,3 +79,9 @@ def test_unwritable_workdir(tiny, tmp_path):
     blocker.write_text('not a folder')
     r = test_pipeline._main(tiny, blocker / 'sub')
     _check(r, tmp_path / 'none', 'workdir')
+
+
+def test_missing_sae_fails_before_the_model_loads(tiny, tmp_path):
+    r = test_pipeline._main(tiny, tmp_path, f'--config.sae.source={tmp_path}/nope_{{layer}}')
+    _check(r, tmp_path, 'nope_1', 'layer 1')
+    assert 'load_model' not in r.stderr

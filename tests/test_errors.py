@@ -1,7 +1,7 @@
 """Bad input fails early with one clear `error:` line, no traceback, no result files.
 
 Every case here is visible from the input alone, so the run must stop before the model
-loads (the tiny model's load would log 'loaded' lines; the failure must come first).
+loads and before any extraction (no `extract` progress bar).
 """
 import csv
 import os

@@ -343,7 +343,7 @@ def test_multihost_two_processes_match_one(tiny, tmp_path):
 def test_main_seeds_and_cv_selection(tiny, tmp_path):
     """seeds=(0, 1): one extraction, a split + probes per seed, seeds.csv with mean and std;
     probe.select=cv chooses by grouped K-fold CV on train + val."""
-    r = _main(tiny, tmp_path, '--config.run_id=s', '--config.seeds=(0,1)',
+    r = _main(tiny, tmp_path, '--config.run_id=s', '--config.seeds=(0,1)', '--verbosity=1',
               '--config.probe.select=cv', '--config.probe.select_folds=3',
               '--config.probe.sparse_k=(1,5,0)',
               "--config.baselines=('hidden_mean','tfidf')", "--config.features.pooling=('mean',)",

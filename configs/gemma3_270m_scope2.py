@@ -8,7 +8,7 @@ The SAEs are downloaded from the Hugging Face repo google/gemma-scope-2-270m-pt 
   python main.py --config=configs/gemma3_270m_scope2.py \
       --config.sae.source=DIR/resid_post/layer_{layer}_width_{width}_l0_medium
 """
-from configs import base, common
+from configs import common, gemma3_270m
 
 # Gemma Scope 2 for Gemma 3 270M PT (the GGUF's base model, google/gemma-3-270m), as listed in
 # SAELens' pretrained_saes.yaml release gemma-scope-2-270m-pt-res: resid_post/ has layers
@@ -22,11 +22,7 @@ SCOPE2_LAYERS = (5, 9, 12, 15)
 
 def get_config(arg=None):
     arg = common.parse_arg(arg, smoke=False)
-    c = base.get_config()
-    c.model.name = 'google_gemma-3-270m'
-    c.model.path = 'gemma3_270m'
-    c.model.max_length = 128
-    c.model.batch_size = 32
+    c = gemma3_270m.get_config()  # the model, data and pooling of the offline demo
     c.layers = SCOPE2_LAYERS
     c.sae.source = SCOPE2_SOURCE
     # 262k and 1m also exist at these layers ('--config.sae.widths=...'), but their probes are
@@ -35,9 +31,6 @@ def get_config(arg=None):
     c.sae.exclude = ()
     # Encode and pool 16k latents at a time, so a [B, T, 65k] code tensor never exists.
     c.sae.chunk_size = 16384
-    c.data.datasets = ('sae_probes:95_toxic_is', 'sae_probes:96_spam_is')
-    c.data.max_rows = 500
-    c.features.top_n = (20,)  # MOSAIC's top-n count pooling (its sweep used 0, 20 and 50)
     if arg.smoke:
         c.layers = (9,)
         c.sae.widths = ('16k',)

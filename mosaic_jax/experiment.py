@@ -62,7 +62,7 @@ class Context:
         return steps.extract(self.extractor, self.batches(ids, subset), n,
                              bos_id=self.tokenizer.bos_token_id,
                              include_special=self.config.features.include_special,
-                             progress=progress)
+                             progress=progress, total=-(-n // self.config.model.batch_size))
 
 
 @dataclasses.dataclass
@@ -146,8 +146,9 @@ def run(config) -> list[dict]:
                                        ctx.opts.metric_names)
         results.write_json(run_folder, 'config.json', config.to_dict())
         results.write_json(run_folder, 'timings.json', timings)
+        print(f'results: {run_folder}', flush=True)
         if config.report:
-            logging.info('report written to %s', report.build(config.workdir))
+            print(f'report: {report.build(config.workdir)}', flush=True)
     logging.info('timings (s): %s', {k: round(v, 2) for k, v in timings.items()})
     return rows
 

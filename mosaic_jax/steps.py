@@ -161,18 +161,20 @@ class Extractor:
 
 
 def extract(extractor: Extractor, batches: Iterable[data.Batch], n: int, *, bos_id,
-            include_special, progress: bool = True) -> dict[FeatureKey, np.ndarray]:
+            include_special, progress: bool = True,
+            total: int | None = None) -> dict[FeatureKey, np.ndarray]:
     """Pooled features of a whole dataset, batch by batch; never holds [N, T, F].
 
     Args:
       batches: data.Batch items (input_ids, attention_mask, index, valid).
       n: number of texts; every index in [0, n) must appear once among valid rows.
+      total: number of batches, for the progress bar's total and ETA.
     Returns:
       Variant / HiddenVariant -> [N, F] arrays in dataset order.
     """
     store: dict[FeatureKey, np.ndarray] = {}
     seen = np.zeros(n, bool)
-    for b in tqdm(batches, desc='extract', unit='batch', disable=not progress):
+    for b in tqdm(batches, desc='extract', unit='batch', total=total, disable=not progress):
         fmask = feature_mask(b.input_ids, b.attention_mask, bos_id, include_special)
         out = extractor(b.input_ids, b.attention_mask, fmask)
         valid = np.asarray(b.valid, bool)

@@ -36,9 +36,10 @@ def read(path: str) -> list[dict]:
 
 
 def best_by_val(rows: Sequence[dict]) -> dict | None:
-    """The row marked selected, else the first (summary rows carry no val score)."""
-    sel = [r for r in rows if r.get('selected') == 'True']
-    return sel[0] if sel else (rows[0] if rows else None)
+    """The row with the best `select_score` (validation / CV headline; ties: the first);
+    None when no row has one. Test scores never choose."""
+    scored = [r for r in rows if not math.isnan(_f(r, 'select_score'))]
+    return max(scored, key=lambda r: _f(r, 'select_score')) if scored else None
 
 
 def _cell(r: dict | None) -> str:
@@ -100,19 +101,18 @@ def claim_rows(rows: list[dict]) -> list[tuple[str, str, list[tuple[str, str, st
 
 
 def _binarized_vs_sparse(d: list[dict]):
+    """At the chosen SAE: its best binarized variant vs the 16-feature sparse probe."""
     sel = best_by_val(_pick(d, kind='sae'))
     if sel is None:
         return None, None
-    same = _pick(d, kind='sae', layer=sel['layer'], width=sel['width'])
-    binz = max((r for r in same if r['binarized'] == 'True'), key=lambda r: _f(r, METRIC),
-               default=None)
-    sparse = _pick(d, kind='sparse', k='16')
-    return binz, (sparse[0] if sparse else None)
+    same = _pick(d, kind='sae', layer=sel['layer'], width=sel['width'], binarized='True')
+    return best_by_val(same), best_by_val(_pick(d, kind='sparse', k='16', layer=sel['layer'],
+                                                width=sel['width']))
 
 
 def _width(d: list[dict]):
-    small = _pick(d, kind='sae', layer='8', width='4k')
-    sel = best_by_val(small) or (small[0] if small else None)
+    """Layer 8: the 16k SAE's row with the variant chosen for 4k, vs that 4k row."""
+    sel = best_by_val(_pick(d, kind='sae', layer='8', width='4k'))
     if sel is None:
         return None, None
     big = _pick(d, kind='sae', layer='8', width='16k', variant=sel['variant'])

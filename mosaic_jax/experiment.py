@@ -291,16 +291,16 @@ def _dataset(ctx: Context, name: str, ds: data.LabeledTexts, timings: dict,
 
 
 def _mark_selected(rows: list[dict], seed: int) -> list[dict]:
-    """`selected` = the row of each kind with the best selection score (validation or CV,
-    never test): the one number per method that a headline may compare. Adds `seed`."""
+    """`selected` = the row of each kind with the best `select_score` (the headline metric
+    on validation or the CV mean, never test): the one number per method that a headline
+    may compare. Adds `seed`."""
     best: dict[str, dict] = {}
     for r in rows:
-        score = r.get('_select', np.nan)
-        if not np.isnan(score) and (r['kind'] not in best or score > best[r['kind']]['_select']):
-            best[r['kind']] = r
+        score, kind = r.get('select_score', np.nan), r['kind']
+        if not np.isnan(score) and (kind not in best or score > best[kind]['select_score']):
+            best[kind] = r
     chosen = {id(r) for r in best.values()}
-    return [{**{k: v for k, v in r.items() if k != '_select'}, 'selected': id(r) in chosen,
-             'seed': seed} for r in rows]
+    return [{**r, 'selected': id(r) in chosen, 'seed': seed} for r in rows]
 
 
 def _row(prep: Prepared, kind: str, res: ProbeResult | None = None, *, headline: str = '',
@@ -309,7 +309,7 @@ def _row(prep: Prepared, kind: str, res: ProbeResult | None = None, *, headline:
     out = dict(dataset=prep.ds.name, n_train=len(prep.splits[0]), n_test=len(prep.splits[2]),
                kind=kind, **kw)
     if res is not None:
-        out.update(C=res.C, seconds=res.seconds, _select=res.val.get(headline, np.nan),
+        out.update(C=res.C, seconds=res.seconds, select_score=res.val.get(headline, np.nan),
                    **res.test)
     return out
 

@@ -162,7 +162,7 @@ def write_json(folder: str, name: str, obj: dict) -> str:
 SUMMARY_METRICS = ('macro_f1', 'accuracy', 'roc_auc')  # write_summary's default metrics
 SUMMARY_IDENTITY = ('dataset', 'layer', 'width', 'kind', 'variant', 'pooling', 'binarized',
                     'top_n', 'k', 'selected', 'seed', 'C')
-SUMMARY_TAIL = ('n_train', 'n_test', 'seconds')
+SUMMARY_TAIL = ('select_score', 'n_train', 'n_test', 'seconds')
 # Short column titles in format_table; other metrics are titled by their name.
 TABLE_TITLES = {'macro_f1': 'macroF1', 'accuracy': 'acc', 'roc_auc': 'AUC',
                 'balanced_accuracy': 'balAcc', 'macro_f1_present': 'F1pres'}

@@ -9,7 +9,7 @@ def _row(ds, kind, f1, lo, hi, **kw):
                 macro_f1_hi=str(hi), selected=kw.pop('selected', 'True'),
                 layer=kw.pop('layer', '8'), width=kw.pop('width', '4k'),
                 variant=kw.pop('variant', 'mean'), binarized=kw.pop('binarized', 'False'),
-                k=kw.pop('k', ''), **kw)
+                k=kw.pop('k', ''), select_score=str(kw.pop('val', f1)), **kw)
 
 
 def test_verdicts():

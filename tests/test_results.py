@@ -75,7 +75,7 @@ def test_write_summary_default_columns(tmp_path):
                       'top_n', 'k', 'selected', 'seed', 'C',
                       'macro_f1', 'macro_f1_lo', 'macro_f1_hi', 'accuracy', 'accuracy_lo',
                       'accuracy_hi', 'roc_auc', 'roc_auc_lo', 'roc_auc_hi',
-                      'n_train', 'n_test', 'seconds']
+                      'select_score', 'n_train', 'n_test', 'seconds']
     assert tuple(fields) == results.SUMMARY_FIELDS
     assert rows[0]['macro_f1'] == '0.8123' and rows[0]['macro_f1_lo'] == ''  # missing: empty
     assert rows[0]['top_n'] == '32' and rows[0]['seed'] == '0' and rows[0]['selected'] == ''
@@ -94,8 +94,8 @@ def test_write_summary_follows_the_configured_metrics(tmp_path):
     results.write_summary(path, [_row(selected=True, **scores)], metric_names=names)
     fields, rows = _read(path)
     metric_cols = [c for m in names for c in (m, f'{m}_lo', f'{m}_hi')]
-    assert fields == list(results.SUMMARY_IDENTITY) + metric_cols + ['n_train', 'n_test',
-                                                                    'seconds']
+    assert fields == list(results.SUMMARY_IDENTITY) + metric_cols + ['select_score', 'n_train',
+                                                                    'n_test', 'seconds']
     assert 'accuracy' not in fields and rows[0]['selected'] == 'True'
     for c in metric_cols:
         assert float(rows[0][c]) == pytest.approx(scores[c], abs=5e-5)  # 4 decimals

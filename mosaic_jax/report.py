@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 
 from mosaic_jax import checkpoint
 from mosaic_jax import report_plots
+from mosaic_jax import report_transfer
 from mosaic_jax import results
 from mosaic_jax import variants
 
@@ -545,6 +546,7 @@ def _run_html(page: _Page, workdir: str, run: Run) -> None:
                     [[k, f'{v:.2f}' if isinstance(v, (int, float)) else v]
                      for k, v in run.timings.items()], 'timings')
              if run.timings else _missing('No timings.json in this run.'))
+    report_transfer.section(page, run.folder)
     views = dataset_views(workdir, run)
     if not views:
         page.add(_missing('summary.csv of this run has no rows.'))

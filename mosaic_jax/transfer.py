@@ -28,7 +28,8 @@ from mosaic_jax import splits as splits_lib
 from mosaic_jax.evaluation import ProbeOptions, ProbeResult
 
 TRANSFER_FIELDS = ('dataset', 'train_group', 'test_group', 'layer', 'width', 'kind', 'variant',
-                   'top_n', 'macro_f1', 'macro_f1_lo', 'macro_f1_hi', 'accuracy', 'n_test')
+                   'top_n', 'macro_f1', 'macro_f1_lo', 'macro_f1_hi', 'accuracy', 'n_test',
+                   'select_score')
 OVERLAP_FIELDS = ('dataset', 'train_group', 'refit_group', 'layer', 'width', 'variant',
                   'class', 'k', 'overlap')
 TOP_K = 10  # features per class compared between groups
@@ -80,6 +81,7 @@ def transfer_rows(res: ProbeResult, predict, y: np.ndarray, gr: GroupRows, opts:
         if len(rows) == 0:
             continue
         out.append(dict(ident, train_group=gr.train_group, test_group=h, n_test=len(rows),
+                        select_score=res.val.get(opts.headline, float('nan')),
                         **_scores(y, predict(rows), rows, opts)))
     return out
 

@@ -437,9 +437,12 @@ def test_main_cross_group_transfer(tiny, tmp_path):
     r = _main(tiny, tmp_path, '--config.run_id=t', f"--config.data.datasets=('{path}',)",
               '--config.data.group_field=lang', '--config.data.max_rows=0',
               "--config.baselines=('hidden_last','tfidf')",
-              "--config.features.pooling=('mean',)", '--config.cv_folds=0')
+              "--config.features.pooling=('mean',)", '--config.cv_folds=0',
+              '--config.report=True')
     assert r.returncode == 0, r.stderr[-4000:]
     run = tmp_path / 'tiny' / '_runs' / 't'
+    html = open(tmp_path / 'report.html').read()
+    assert 'Transfer: train group x test group' in html and 'sae transfer heat map' in html
     cells = list(csv.DictReader(open(run / 'transfer.csv')))
     methods = {(c['kind'], c['layer'], c['width']) for c in cells}
     assert len(methods) == len(LAYERS) * 2 + 1  # an SAE and a hidden probe per layer, TF-IDF

@@ -89,7 +89,8 @@ def feature_spec(config, saes) -> steps.FeatureSpec:
         threshold=f.threshold, chunk_size=config.sae.chunk_size, hidden=hidden)
 
 
-def _context(config, timings: dict, t0: float) -> Context:
+def _context(config, timings: dict) -> Context:
+    t0 = time.perf_counter()
     devices = parallel.Devices(config.parallel.mode)
     if config.model.batch_size % devices.count:
         raise UserError(f'model.batch_size={config.model.batch_size} must be divisible by '
@@ -113,9 +114,7 @@ def run(config) -> list[dict]:
         check_workdir(config.workdir)
         parallel.configure_process(config)
         run_id = parallel.sync_run_id(config.run_id or results.new_run_id())
-        folder = os.path.join(config.workdir, results.safe_name(config.model.name), '_runs',
-                              run_id)
-        correctness.label(config, folder)
+        correctness.label(config, run_folder(config, run_id))
         return []
     t0 = time.perf_counter()
     # Everything cheap first: a bad dataset or workdir fails before the model loads.
@@ -127,7 +126,7 @@ def run(config) -> list[dict]:
             _split_or_error(config, ds, seed)
     parallel.configure_process(config)
     timings: dict[str, float] = {'load_datasets': time.perf_counter() - t0}
-    ctx = _context(config, timings, t0)
+    ctx = _context(config, timings)
     rows: list[dict] = []
     transfer: tuple[list, list] = ([], [])
     for name, ds in datasets.items():
@@ -162,9 +161,13 @@ def _report_only(config) -> list[dict]:
     return []
 
 
+def run_folder(config, run_id: str) -> str:
+    """<workdir>/<model>/_runs/<run_id>: summary, config, timings, splits, ..."""
+    return os.path.join(config.workdir, results.safe_name(config.model.name), '_runs', run_id)
+
+
 def _run_folder(ctx: Context) -> str:
-    c = ctx.config
-    return os.path.join(c.workdir, results.safe_name(c.model.name), '_runs', ctx.run_id)
+    return run_folder(ctx.config, ctx.run_id)
 
 
 def dataset_names(config) -> list[str]:

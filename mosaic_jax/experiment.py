@@ -136,16 +136,16 @@ def run(config) -> list[dict]:
     if ctx.writer:
         for write in ctx.pending:
             write()
-        run_folder = _run_folder(ctx)
-        results.write_summary(os.path.join(run_folder, 'summary.csv'), rows, ctx.opts.metric_names)
+        folder = _run_folder(ctx)
+        results.write_summary(os.path.join(folder, 'summary.csv'), rows, ctx.opts.metric_names)
         if transfer[0]:
-            transfer_lib.write(run_folder, *transfer)
+            transfer_lib.write(folder, *transfer)
         if len(_seeds(config)) > 1:
-            results.write_seed_summary(os.path.join(run_folder, 'seeds.csv'), rows,
+            results.write_seed_summary(os.path.join(folder, 'seeds.csv'), rows,
                                        ctx.opts.metric_names)
-        results.write_json(run_folder, 'config.json', config.to_dict())
-        results.write_json(run_folder, 'timings.json', timings)
-        print(f'results: {run_folder}', flush=True)
+        results.write_json(folder, 'config.json', config.to_dict())
+        results.write_json(folder, 'timings.json', timings)
+        print(f'results: {folder}', flush=True)
         if config.report:
             print(f'report: {report.build(config.workdir)}', flush=True)
     logging.info('timings (s): %s', {k: round(v, 2) for k, v in timings.items()})

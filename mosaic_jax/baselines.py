@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
+from absl import logging
 import numpy as np
 
 BASELINES: dict[str, Callable[..., dict[str, Any]]] = {}
@@ -73,12 +74,25 @@ def tfidf(x_train: Sequence[str], y_train, x_test: Sequence[str],
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     y, c = _labels(y_train, num_classes)
-    model = make_pipeline(
-        TfidfVectorizer(ngram_range=tuple(ngram_range), max_features=max_features,
-                        stop_words=stop_words),
-        LogisticRegression(C=C, class_weight='balanced', max_iter=max_iter,
-                           random_state=seed))
-    model.fit(list(x_train), y)
+
+    def build(**vectorizer):
+        return make_pipeline(
+            TfidfVectorizer(ngram_range=tuple(ngram_range), max_features=max_features,
+                            **vectorizer),
+            LogisticRegression(C=C, class_weight='balanced', max_iter=max_iter,
+                               random_state=seed))
+    model = build(stop_words=stop_words)
+    try:
+        model.fit(list(x_train), y)
+    except ValueError as e:
+        if 'empty vocabulary' not in str(e):
+            raise
+        # Texts of stop words and 1-character tokens only (e.g. 'What is 3 + 4?'): keep
+        # every word of any length instead of failing.
+        logging.warning('tfidf: empty vocabulary with stop_words=%r; refitting with all '
+                        'tokens of any length', stop_words)
+        model = build(stop_words=None, token_pattern=r'(?u)\b\w+\b')
+        model.fit(list(x_train), y)
     return _outputs(model, list(x_test), None if x_val is None else list(x_val), c)
 
 

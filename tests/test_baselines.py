@@ -60,3 +60,12 @@ def test_decision_tree_multiclass_top_features_sorted():
     assert {t['index'] for t in top} == {0, 5}
     assert top[0]['importance'] >= top[1]['importance']
     assert out['proba'].shape == (400, 4)
+
+
+def test_tfidf_on_digit_and_stop_word_texts_falls_back_to_every_token():
+    texts = [f'What is {a} + {b}?' for a in range(5) for b in range(5)]
+    y = np.array([(a + b) % 2 for a in range(5) for b in range(5)])
+    out = baselines.run('tfidf', texts, y, texts[:4], num_classes=2)
+    assert out['proba'].shape == (4, 2)
+    vocab = out['model'].steps[0][1].vocabulary_
+    assert '3' in vocab and 'what' in vocab  # single characters and stop words kept

@@ -281,8 +281,11 @@ def resolve(source: str) -> tuple[str, str]:
                              '--config.model.path=DIR with a local checkpoint folder')
 
 
-def load_model(source: str, dtype='float32') -> Transformer:
+def load_model(source: str, dtype='float32'):
     """A `Transformer` with weights from a folder, hub repo id, .gguf file or 'gemma3_270m'.
+
+    A folder (or hub repo) whose config.json has model_type 'paligemma' gives a
+    `paligemma.PaliGemma` instead (see `paligemma_loading`).
 
     Args:
       source: a transformers checkpoint folder (config.json + model.safetensors or a sharded
@@ -301,7 +304,11 @@ def load_model(source: str, dtype='float32') -> Transformer:
         cfg = GemmaConfig.from_hf(hf_config)
     else:
         with open(os.path.join(path, 'config.json')) as f:
-            cfg = GemmaConfig.from_hf(json.load(f))  # an unsupported model fails here, fast
+            hf_config = json.load(f)
+        if hf_config.get('model_type') == 'paligemma':  # image + text: its own loader
+            from mosaic_jax.models import paligemma_loading
+            return paligemma_loading.load(path, dtype)
+        cfg = GemmaConfig.from_hf(hf_config)  # an unsupported model fails here, fast
         tensors = SafetensorsFolder(path)
     return build_model(cfg, tensors, dtype)
 

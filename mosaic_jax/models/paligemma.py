@@ -38,6 +38,11 @@ class PaliGemmaConfig:
     image_token_id: int
 
     @property
+    def num_layers(self) -> int:
+        """Decoder blocks (what layer checks compare against, as for a text model)."""
+        return self.text.num_layers
+
+    @property
     def num_image_tokens(self) -> int:
         """P, the placeholders per image = patches of the tower."""
         return self.vision.num_patches

@@ -294,8 +294,12 @@ def _prepare(x, y, num_classes, sample_weight, class_weight, standardize):
             scale.astype(np.float32), c)
 
 
-def _lbfgs_solve(x, y, s, mean, scale, C, max_iter, tol, *, n_out, memory_size):
-    """Full-batch L-BFGS on J / sum(s) from zero. Returns (params, value, max|grad|, iters)."""
+def _lbfgs_solve(x, y, s, mean, scale, C, max_iter, tol, *, n_out, memory_size, l2_stop):
+    """Full-batch L-BFGS on J / sum(s) from zero. Returns (params, value, |grad|, iters).
+
+    |grad| is the largest entry (sklearn's pgtol test) or, with `l2_stop`, the Euclidean
+    norm (used by the reduced problem: it equals the norm of the original-space gradient,
+    which bounds that gradient's largest entry, so the test is at least as strict)."""
     total = jnp.sum(s)
     zeros = init_params(x.shape[1], 2 if n_out == 1 else n_out)
     theta0 = {'w': zeros.w, 'b': zeros.b}
@@ -309,7 +313,8 @@ def _lbfgs_solve(x, y, s, mean, scale, C, max_iter, tol, *, n_out, memory_size):
     value_and_grad = optax.value_and_grad_from_state(value_fn)
 
     def grad_max(state):  # sklearn's (scipy's) pgtol criterion: largest |gradient| entry
-        return otu.tree_max(jax.tree.map(jnp.abs, otu.tree_get(state, 'grad')))
+        g = otu.tree_get(state, 'grad')
+        return otu.tree_norm(g) if l2_stop else otu.tree_max(jax.tree.map(jnp.abs, g))
 
     def body(carry):
         theta, state = carry
@@ -331,10 +336,12 @@ def _lbfgs_solve(x, y, s, mean, scale, C, max_iter, tol, *, n_out, memory_size):
             otu.tree_get(state, 'count'))
 
 
-@functools.partial(jax.jit, static_argnames=('n_out', 'memory_size', 'grid'))
-def _lbfgs(x, y, s, mean, scale, Cs, max_iter, tol, *, n_out, memory_size, grid):
+@functools.partial(jax.jit, static_argnames=('n_out', 'memory_size', 'grid', 'l2_stop'))
+def _lbfgs(x, y, s, mean, scale, Cs, max_iter, tol, *, n_out, memory_size, grid,
+           l2_stop=False):
     solve = functools.partial(_lbfgs_solve, x, y, s, mean, scale, max_iter=max_iter,
-                              tol=tol, n_out=n_out, memory_size=memory_size)
+                              tol=tol, n_out=n_out, memory_size=memory_size,
+                              l2_stop=l2_stop)
     # vmap's while_loop runs until every C has converged; finished entries stay frozen.
     return jax.vmap(solve)(Cs) if grid else solve(Cs)
 
@@ -415,6 +422,60 @@ def _fit_adam(x, y, s, mean, scale, Cs, n_out, *, max_epochs, batch_size, lr, we
     return best, epochs
 
 
+ROW_BUCKET = 64  # reduced problems pad rows to a multiple of this: fewer distinct shapes
+
+
+@jax.jit
+def _gram(x, mean, scale):
+    """K = Xs Xs^T of the standardised rows, f32[n, n] (the one F-sized product)."""
+    xs = (x - mean) / scale
+    return jnp.dot(xs, xs.T, precision=jax.lax.Precision.HIGHEST)
+
+
+@jax.jit
+def _lift(x, mean, scale, alpha):
+    """w = Xs^T alpha: reduced coefficients back to the F features, f32[F, C']."""
+    xs = (x - mean) / scale
+    return jnp.dot(xs.T, alpha, precision=jax.lax.Precision.HIGHEST)
+
+
+def _fit_reduced(x, y, s, mean, scale, cs, n_out, *, grid, max_iter, tol, memory_size):
+    """The same objective solved in n dimensions when n rows < F features.
+
+    With Xs = U S V^T (thin SVD, from the Gram K = Xs Xs^T = U S^2 U^T), every optimum has
+    w = V w' (a component orthogonal to the rows only adds penalty), logits Xs w = (U S) w'
+    and ||w|| = ||w'||: the problem on the n x r matrix Phi = U S is the original one,
+    equally conditioned, at n/F of the cost per iteration. Directions with S^2 below
+    n * eps * max(S^2) are dropped (they carry no signal at float32). Rows are padded with
+    zero-weight rows and Phi's columns to a multiple of ROW_BUCKET, so variants, widths and
+    Cs of similar row counts share one executable. w = Xs^T (U S^-1 w').
+    """
+    n = len(x)
+    k = np.asarray(_gram(x, mean, scale), np.float64)
+    lam, u = np.linalg.eigh((k + k.T) / 2)
+    keep = lam > n * np.finfo(np.float32).eps * max(lam.max(), 1e-30)
+    u, root = u[:, keep], np.sqrt(lam[keep])
+    m = -(-n // ROW_BUCKET) * ROW_BUCKET
+    phi = np.zeros((m, m), np.float32)
+    phi[:n, :len(root)] = u * root
+    pad = lambda a: np.concatenate([a, np.zeros(m - n, a.dtype)])  # noqa: E731
+    arg = jnp.asarray(cs if grid else cs[0], jnp.float32)
+    red, value, gnorm, iters = _lbfgs(
+        phi, pad(y), pad(s), np.zeros(m, np.float32), np.ones(m, np.float32), arg,
+        jnp.int32(max_iter), jnp.float32(tol), n_out=n_out, memory_size=memory_size,
+        grid=grid, l2_stop=True)
+    wr = np.asarray(red.w, np.float64)[..., :len(root), :]           # [(G,) r, C']
+    alpha = np.einsum('nr,...rc->...nc', u / root, wr).astype(np.float32)
+    w = (jax.vmap(_lift, in_axes=(None, None, None, 0)) if grid else _lift)(
+        x, mean, scale, alpha)
+    mean_j, scale_j = jnp.asarray(mean), jnp.asarray(scale)
+    if grid:
+        g = len(cs)
+        mean_j, scale_j = (jnp.broadcast_to(a, (g,) + a.shape) for a in (mean_j, scale_j))
+    params = ProbeParams(w=w, b=red.b, mean=mean_j, scale=scale_j)
+    return params, {'loss': value, 'grad_max': gnorm, 'iterations': iters}
+
+
 def _fit(x, y, Cs, *, grid, num_classes, sample_weight, class_weight, standardize, solver,
          max_iter, tol, seed, memory_size, batch_size, lr, weight_decay, patience,
          val_fraction, return_info):
@@ -435,6 +496,9 @@ def _fit(x, y, Cs, *, grid, num_classes, sample_weight, class_weight, standardiz
         info = {'loss': value, 'epochs': epochs}
         if not grid:
             params, info = take(params, 0), {'loss': value[0], 'epochs': epochs}
+    elif len(x) < x.shape[1]:  # more features than rows: the exact n-dimensional problem
+        params, info = _fit_reduced(x, y, s, mean, scale, cs, n_out, grid=grid,
+                                    max_iter=max_iter, tol=tol, memory_size=memory_size)
     else:
         arg = jnp.asarray(cs if grid else cs[0], jnp.float32)
         params, value, gmax, iters = _lbfgs(

@@ -250,6 +250,7 @@ def _dataset(ctx: Context, name: str, ds: data.LabeledTexts, timings: dict,
     JSONs for the first seed); timings gain '<name>/load_tokenize', '/extract', ..."""
     config = ctx.config
     t = time.perf_counter()
+    compiled = parallel.compile_seconds()
     ids, n_trunc = data.tokenize(ds.texts, ctx.tokenizer, config.model.max_length)
     if n_trunc:
         logging.info('%s: %d of %d texts truncated to %d tokens', name, n_trunc, len(ids),
@@ -290,6 +291,7 @@ def _dataset(ctx: Context, name: str, ds: data.LabeledTexts, timings: dict,
             seed_rows = _probe_dataset(sctx, prep, feats, meta)
         rows += _mark_selected(seed_rows, seed)
     timings[f'{name}/{"fused" if feats is None else "probes"}'] = time.perf_counter() - t
+    timings[f'{name}/compile'] = parallel.compile_seconds() - compiled
     return rows
 
 

@@ -270,6 +270,7 @@ def _dataset(ctx: Context, name: str, ds: data.LabeledTexts, timings: dict,
         t = time.perf_counter()
         rows = _transfer_dataset(ctx, ds, feats, transfer)
         timings[f'{name}/transfer'] = time.perf_counter() - t
+        timings[f'{name}/compile'] = parallel.compile_seconds() - compiled
         return rows
     seeds = _seeds(config)
     rows = []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 from typing import Callable
 
 from absl import logging
@@ -47,7 +48,6 @@ def set_compile_cache(cache_dir: str) -> None:
     """Persistent compilation cache in `cache_dir` ('~' expanded; '' leaves it off)."""
     if not cache_dir:
         return
-    import os
     path = os.path.expanduser(cache_dir)
     os.makedirs(path, exist_ok=True)
     jax.config.update('jax_compilation_cache_dir', path)

@@ -426,16 +426,14 @@ ROW_BUCKET = 64  # reduced problems pad rows to a multiple of this: fewer distin
 
 
 @jax.jit
-def _gram(x, mean, scale):
-    """K = Xs Xs^T of the standardised rows, f32[n, n] (the one F-sized product)."""
-    xs = (x - mean) / scale
+def _gram(xs):
+    """K = Xs Xs^T of the standardised rows f32[n, F] -> f32[n, n] (the F-sized product)."""
     return jnp.dot(xs, xs.T, precision=jax.lax.Precision.HIGHEST)
 
 
 @jax.jit
-def _lift(x, mean, scale, alpha):
+def _lift(xs, alpha):
     """w = Xs^T alpha: reduced coefficients back to the F features, f32[F, C']."""
-    xs = (x - mean) / scale
     return jnp.dot(xs.T, alpha, precision=jax.lax.Precision.HIGHEST)
 
 
@@ -451,7 +449,8 @@ def _fit_reduced(x, y, s, mean, scale, cs, n_out, *, grid, max_iter, tol, memory
     Cs of similar row counts share one executable. w = Xs^T (U S^-1 w').
     """
     n = len(x)
-    k = np.asarray(_gram(x, mean, scale), np.float64)
+    xs = jnp.asarray((x - mean) / scale)  # standardised once, on the device for both products
+    k = np.asarray(_gram(xs), np.float64)
     lam, u = np.linalg.eigh((k + k.T) / 2)
     keep = lam > n * np.finfo(np.float32).eps * max(lam.max(), 1e-30)
     u, root = u[:, keep], np.sqrt(lam[keep])
@@ -466,8 +465,7 @@ def _fit_reduced(x, y, s, mean, scale, cs, n_out, *, grid, max_iter, tol, memory
         grid=grid, l2_stop=True)
     wr = np.asarray(red.w, np.float64)[..., :len(root), :]           # [(G,) r, C']
     alpha = np.einsum('nr,...rc->...nc', u / root, wr).astype(np.float32)
-    w = (jax.vmap(_lift, in_axes=(None, None, None, 0)) if grid else _lift)(
-        x, mean, scale, alpha)
+    w = (jax.vmap(_lift, in_axes=(None, 0)) if grid else _lift)(xs, alpha)
     mean_j, scale_j = jnp.asarray(mean), jnp.asarray(scale)
     if grid:
         g = len(cs)

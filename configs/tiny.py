@@ -19,6 +19,7 @@ def get_config(arg=None):
     c.data.datasets = ('sae_probes:95_toxic_is',)
     c.data.max_rows = 200
     c.probe.Cs = (0.1, 1.0)
+    c.probe.select = 'val'  # one fit per C keeps the suite fast; test_pipeline covers 'cv'
     c.compile_cache = ""  # tests share no on-disk state
     c.probe.max_iter = 100
     c.probe.fused_epochs = 2

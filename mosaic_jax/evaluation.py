@@ -19,11 +19,11 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from mosaic_jax import baselines
 from mosaic_jax import metrics
 from mosaic_jax import probe
+from mosaic_jax import splits as splits_lib
 
 # A candidate fitted on some rows: (model object, rows -> proba [len(rows), C]).
 Fitted = tuple[Any, Callable[[np.ndarray], np.ndarray]]
@@ -108,10 +108,7 @@ def selection_folds(y: np.ndarray, splits, opts: ProbeOptions,
     tr, va, _ = splits
     if opts.select is Selection.VAL:
         return [(np.asarray(tr), np.asarray(va))]
-    rows = np.sort(np.concatenate([tr, va]))
-    g = np.arange(len(y)) if groups is None else np.asarray(groups)
-    folds = StratifiedGroupKFold(n_splits=opts.cv_k, shuffle=True, random_state=opts.seed)
-    return [(rows[a], rows[b]) for a, b in folds.split(rows, y[rows], g[rows])]
+    return splits_lib.grouped_folds(y, np.concatenate([tr, va]), groups, opts.cv_k, opts.seed)
 
 
 def choose(fit_all: Callable[[np.ndarray], list[Fitted]], y: np.ndarray, folds,
@@ -223,17 +220,20 @@ def fit_tree(key, x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *,
 
 
 def cross_validate_variant(res: ProbeResult, x: np.ndarray, y: np.ndarray, splits,
-                           opts: ProbeOptions, *, k: int, num_classes: int) -> dict:
+                           opts: ProbeOptions, *, k: int, num_classes: int,
+                           groups: np.ndarray | None = None) -> dict:
     """MOSAIC's `performance.cross_validation`: stratified K-fold scores of the chosen C
-    on train + validation rows (test rows are never touched)."""
-    rows = np.concatenate([splits[0], splits[1]])
+    on train + validation rows (test rows are never touched), folds from the same grouped
+    builder as selection (copies of a text never on both sides of a fold)."""
+    folds = splits_lib.grouped_folds(y, np.concatenate([splits[0], splits[1]]), groups, k,
+                                     opts.seed)
 
     def fit_fn(x_tr, y_tr):
         p = probe.fit(np.asarray(x_tr, np.float32), y_tr, num_classes=num_classes, C=res.C,
                       **opts.fit_kwargs())
         return lambda x_te: probe.predict_proba(p, np.asarray(x_te, np.float32))
 
-    cv = metrics.cross_validate(fit_fn, x[rows], y[rows], k=k, seed=opts.seed)
+    cv = metrics.cross_validate(fit_fn, x, y, folds)
     out = dict(mean_accuracy=cv['accuracy']['mean'], std_accuracy=cv['accuracy']['std'],
                fold_scores=cv['accuracy']['folds'])
     out.update({f'{n}_mean': v['mean'] for n, v in cv.items()})

@@ -343,7 +343,7 @@ def _cv(ctx: Context, prep: Prepared, feats, best: ProbeResult, hidden: dict) ->
     k = ctx.config.cv_folds
     if not k:
         return {}
-    kw = dict(k=k, num_classes=prep.num_classes)
+    kw = dict(k=k, num_classes=prep.num_classes, groups=prep.groups)
     y = prep.ds.labels
     cv = dict(sae=evaluation.cross_validate_variant(best, feats[best.key], y, prep.splits,
                                                     ctx.opts, **kw))

@@ -37,7 +37,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
-from sklearn.model_selection import StratifiedKFold
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {}
 _OPT_IN: set[str] = set()  # registered with default=False: computed only when named
@@ -341,20 +340,21 @@ def confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
     return skm.confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
 
 
-def cross_validate(fit_fn: Callable, x, y, k: int = 5, seed: int = 0,
+def cross_validate(fit_fn: Callable, x, y, folds: Sequence[tuple[np.ndarray, np.ndarray]],
                    names: Sequence[str] | None = None) -> dict[str, dict]:
-    """Stratified K-fold CV of `fit_fn(x_train, y_train) -> predict_proba(x) -> [N, C]`.
+    """Scores of `fit_fn(x_train, y_train) -> predict_proba(x) -> [N, C]` on given folds.
 
     Args:
       x: [N, ...] indexable by row arrays; y: int[N].
+      folds: (fit rows, score rows) pairs, e.g. from `splits.grouped_folds` (the one fold
+        builder; this module never cuts folds itself).
     Returns:
       {metric: {'mean': float, 'std': float (population, ddof=0), 'folds': [k floats]}}.
     """
     y = np.asarray(y)
     x = np.asarray(x) if not hasattr(x, 'shape') else x
-    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     scores: dict[str, list[float]] = {}
-    for tr, te in folds.split(np.zeros(len(y)), y):
+    for tr, te in folds:
         predict_proba = fit_fn(x[tr], y[tr])
         for name, v in compute(y[te], np.asarray(predict_proba(x[te])), names).items():
             scores.setdefault(name, []).append(v)

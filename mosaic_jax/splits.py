@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 from absl import logging
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
 from mosaic_jax import checkpoint, data
 
@@ -114,6 +114,21 @@ def _groups(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 def text_groups(texts: Sequence[str]) -> np.ndarray:
     """int64[N] id of each row's normalised text: copies share an id (for grouped CV)."""
     return _groups(texts)[0]
+
+
+def grouped_folds(y: np.ndarray, rows: np.ndarray, groups: np.ndarray | None, k: int,
+                  seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The one K-fold builder: (fit rows, score rows) pairs over `rows`, stratified by `y`,
+    every copy of a text (same `groups` id, see `text_groups`) inside one fold.
+
+    Args:
+      y: int[N] labels of the whole dataset; rows: int[M] the rows to cut (never test rows).
+      groups: int[N] text-copy ids, or None (every row its own group).
+    """
+    rows = np.sort(np.asarray(rows))
+    g = np.arange(len(y)) if groups is None else np.asarray(groups)
+    folds = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=int(seed))
+    return [(rows[a], rows[b]) for a, b in folds.split(rows, np.asarray(y)[rows], g[rows])]
 
 
 def _majority(labels: np.ndarray, group: np.ndarray, num_groups: int) -> np.ndarray:

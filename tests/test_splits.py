@@ -266,3 +266,20 @@ def test_split_csv_round_trips_tricky_texts(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r['text'] for r in rows] == texts
     assert {r['split'] for r in rows} == {'train', 'val', 'test', 'dropped'}
+
+
+def test_grouped_folds_keep_copies_in_one_fold_and_stay_inside_rows():
+    r = np.random.default_rng(0)
+    texts = [f't{int(i)}' for i in r.integers(0, 60, 300)]   # many repeated texts
+    y = np.asarray([int(t[1:]) % 3 for t in texts])           # a copy's label is its text's
+    groups = splits.text_groups(texts)
+    rows = np.arange(0, 300, 1)[r.uniform(size=300) < 0.8]    # e.g. train + val only
+    folds = splits.grouped_folds(y, rows, groups, 5, seed=1)
+    assert len(folds) == 5
+    seen = np.concatenate([b for _, b in folds])
+    np.testing.assert_array_equal(np.sort(seen), np.sort(rows))  # each row scored once
+    for fit, score in folds:
+        assert not set(groups[fit]) & set(groups[score])  # no text on both sides
+        assert set(fit) | set(score) == set(rows)
+    again = splits.grouped_folds(y, rows, groups, 5, seed=1)
+    assert all((a == c).all() and (b == d).all() for (a, b), (c, d) in zip(folds, again))

@@ -38,8 +38,8 @@ MAX_HEATMAP_PANELS = 12  # beyond this, only the selected layer/width gets a hea
 GEMMA_SCOPE_PREFIX = 'google/gemma-scope-'
 NEURONPEDIA = 'https://www.neuronpedia.org/{model}/{layer}-gemmascope-res-{width}/{index}'
 HIDDEN_NAMES = tuple(v for v, _ in report_plots.HIDDEN_VARIANTS)  # 'hidden_last', ...
-BASIS_TEXT = {'validation': 'validation macro-F1', 'test': 'test macro-F1',
-              'run': 'marked selected by the run'}
+BASIS_TEXT = {'validation': 'validation macro-F1', 'run': 'marked selected by the run',
+              'only': 'the only row of its kind'}
 TRUE = ('True', 'true', '1')  # how a bool reads back from summary.csv
 
 
@@ -99,6 +99,7 @@ def _parse_row(r: dict) -> dict:
         C=None if math.isnan(_float(r.get('C'))) else _float(r.get('C')),
         n_train=_int_or_none(r.get('n_train')), n_test=_int_or_none(r.get('n_test')),
         seconds=_float(r.get('seconds')),
+        select_score=_float(r.get('select_score')),
         **{m: _float(r.get(m)) for m in METRICS},
         **{f'{m}_{end}': _float(r.get(f'{m}_{end}')) for m in METRICS for end in ('lo', 'hi')})
 
@@ -203,24 +204,31 @@ def _key(r: dict) -> tuple:
 
 
 def select(rows: list[dict], val: dict[tuple, float]) -> tuple[dict | None, str]:
-    """The best row on validation macro-F1 if every row has one, else on test macro-F1.
+    """The best row by its validation macro-F1 (the per-variant JSONs), else by the run's
+    `select_score` (summary.csv: validation or CV mean). Never by a test score: rows with
+    neither are not ranked (ties: the first row).
 
     Returns:
-      (row or None when `rows` is empty, 'validation' | 'test').
+      (row, 'validation'); (row, 'only') for a single row without a score; (None, '') for
+      no rows; (None, 'unscored') when none of several rows has a selection score.
     """
     if not rows:
         return None, ''
-    if all(not math.isnan(val.get(_key(r), math.nan)) for r in rows):
-        return max(rows, key=lambda r: val[_key(r)]), 'validation'
-    # NaN test scores (a failed metric) must never win the max.
-    return max(rows, key=lambda r: -math.inf if math.isnan(r[HEADLINE]) else r[HEADLINE]), 'test'
+
+    def score(r: dict) -> float:
+        v = val.get(_key(r), math.nan)
+        return r.get('select_score', math.nan) if math.isnan(v) else v
+    scored = [(score(r), -i, r) for i, r in enumerate(rows) if not math.isnan(score(r))]
+    if not scored:  # one row is no choice; among several, none without a score
+        return (rows[0], 'only') if len(rows) == 1 else (None, 'unscored')
+    return max(scored, key=lambda t: t[:2])[2], 'validation'
 
 
 def _choose(rows: list[dict], val: dict[tuple, float], marked: bool) -> tuple[dict | None, str]:
     """`select`, unless the run marked rows of this kind `selected`: then its mark wins.
 
     Returns:
-      (row or None, 'run' | 'validation' | 'test').
+      (row or None, 'run' | 'validation' | 'unscored' | '').
     """
     chosen = [r for r in rows if r['selected']] if marked else []
     if chosen:  # more than one mark per kind: our rule among the marked rows
@@ -235,7 +243,8 @@ def best_per_cell(view: DatasetView, kind: str = 'sae') -> dict[tuple[int, str],
     for r in view.rows:
         if r['kind'] == kind:
             cells.setdefault((r['layer'], r['width']), []).append(r)
-    return {k: select(v, val)[0] for k, v in cells.items()}
+    chosen = {k: select(v, val)[0] for k, v in cells.items()}
+    return {k: r for k, r in chosen.items() if r is not None}
 
 
 def _probe_kind(view: DatasetView) -> str:
@@ -252,7 +261,8 @@ def headline(view: DatasetView) -> list[dict]:
 
     Returns:
       dicts with 'method', 'row' (None when the run has no such result) and 'basis'
-      ('run' | 'validation' | 'test': who or what chose the layer/width/variant).
+      ('run' | 'validation': who or what chose the layer/width/variant; 'unscored' when
+      no row has a selection score, so none is chosen: never on test).
     """
     val = _val_scores(view)
     marked = {r['kind'] for r in view.rows if r['selected']}
@@ -420,7 +430,9 @@ def _headline_html(heads: list[dict]) -> str:
     for h in heads:
         r = h['row']
         if r is None:
-            rows.append([h['method']] + ['-'] * 7 + ['not in this run'])
+            why = ('no selection score (never chosen on test)' if h['basis'] == 'unscored'
+                   else 'not in this run')
+            rows.append([h['method']] + ['-'] * 7 + [why])
             continue
         C = '-' if r['C'] is None else f"{r['C']:g}"
         rows.append([h['method'], _fmt(r['layer']), _fmt(r['width']), r['variant'] or '-', C,

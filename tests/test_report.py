@@ -311,7 +311,9 @@ def test_fused_only_run(tmp_path):
     assert len(re.findall(r'<img src=', text)) == 2  # by-layer and bars, from the fused rows
     fused = [h for h in report.headline(report.dataset_views(workdir, report.load(workdir)[0])[0])
              if h['method'] == 'SAE fused probe'][0]
-    assert fused['row']['layer'] == 2 and fused['basis'] == 'test'
+    # No validation score and no select_score: nothing is chosen (never on test).
+    assert fused['row'] is None and fused['basis'] == 'unscored'
+    assert 'no selection score (never chosen on test)' in text
 
 
 def _view(workdir, model='tiny'):
@@ -336,9 +338,14 @@ def test_old_format_workdir_still_renders(tmp_path):
     # Hidden JSON keys 'last'/'mean' still give validation scores.
     assert table['hidden_last']['basis'] == 'validation'
     assert table['hidden_mean']['row']['layer'] == 2
-    # The old '/bin' SAE keys no longer name a summary variant: the report falls back to
-    # test macro-F1 and says so.
-    assert table['SAE probe (best variant)']['basis'] == 'test'
+    # The old '/bin' SAE keys no longer name a summary variant and the old summary has no
+    # select_score: those rows are not ranked; the choice is among rows with a validation
+    # score, never by test macro-F1.
+    sae = table['SAE probe (best variant)']
+    val = report._val_scores(view)
+    assert sae['basis'] == 'validation' and not math.isnan(val[report._key(sae['row'])])
+    assert any(math.isnan(val.get(report._key(r), math.nan)) for r in view.rows
+               if r['kind'] == 'sae')
     assert report.overlap_notes(report.headline(view)) == []
 
 

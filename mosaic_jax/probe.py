@@ -336,14 +336,10 @@ def _lbfgs_solve(x, y, s, mean, scale, C, max_iter, tol, *, n_out, memory_size, 
             otu.tree_get(state, 'count'))
 
 
-@functools.partial(jax.jit, static_argnames=('n_out', 'memory_size', 'grid', 'l2_stop'))
-def _lbfgs(x, y, s, mean, scale, Cs, max_iter, tol, *, n_out, memory_size, grid,
-           l2_stop=False):
-    solve = functools.partial(_lbfgs_solve, x, y, s, mean, scale, max_iter=max_iter,
-                              tol=tol, n_out=n_out, memory_size=memory_size,
-                              l2_stop=l2_stop)
-    # vmap's while_loop runs until every C has converged; finished entries stay frozen.
-    return jax.vmap(solve)(Cs) if grid else solve(Cs)
+@functools.partial(jax.jit, static_argnames=('n_out', 'memory_size', 'l2_stop'))
+def _lbfgs(x, y, s, mean, scale, C, max_iter, tol, *, n_out, memory_size, l2_stop=False):
+    return _lbfgs_solve(x, y, s, mean, scale, C, max_iter, tol, n_out=n_out,
+                        memory_size=memory_size, l2_stop=l2_stop)
 
 
 def _holdout(y: np.ndarray, fraction: float, rng: np.random.Generator):
@@ -437,6 +433,17 @@ def _lift(xs, alpha):
     return jnp.dot(xs.T, alpha, precision=jax.lax.Precision.HIGHEST)
 
 
+def _lbfgs_each(data, cs, *, grid, max_iter, tol, **kw):
+    """`_lbfgs` once per C (stacked on a leading [G] axis when `grid`), not vmapped: under
+    vmap the while loop and its nested line search run every C for as many steps as the
+    slowest one needs (4 Cs x 500 iterations on 448 x 448: 2.7 s vmapped, 4 x 0.28 s one
+    by one). Each C's optimum is the one it would have alone."""
+    data = tuple(jnp.asarray(a) for a in data)  # on the device once for every C
+    sols = [_lbfgs(*data, jnp.float32(c), jnp.int32(max_iter), jnp.float32(tol), **kw)
+            for c in (cs if grid else cs[:1])]
+    return jax.tree.map(lambda *a: jnp.stack(a), *sols) if grid else sols[0]
+
+
 def _fit_reduced(x, y, s, mean, scale, cs, n_out, *, grid, max_iter, tol, memory_size):
     """The same objective solved in n dimensions when n rows < F features.
 
@@ -458,11 +465,10 @@ def _fit_reduced(x, y, s, mean, scale, cs, n_out, *, grid, max_iter, tol, memory
     phi = np.zeros((m, m), np.float32)
     phi[:n, :len(root)] = u * root
     pad = lambda a: np.concatenate([a, np.zeros(m - n, a.dtype)])  # noqa: E731
-    arg = jnp.asarray(cs if grid else cs[0], jnp.float32)
-    red, value, gnorm, iters = _lbfgs(
-        phi, pad(y), pad(s), np.zeros(m, np.float32), np.ones(m, np.float32), arg,
-        jnp.int32(max_iter), jnp.float32(tol), n_out=n_out, memory_size=memory_size,
-        grid=grid, l2_stop=True)
+    red, value, gnorm, iters = _lbfgs_each(
+        (phi, pad(y), pad(s), np.zeros(m, np.float32), np.ones(m, np.float32)), cs,
+        grid=grid, max_iter=max_iter, tol=tol, n_out=n_out, memory_size=memory_size,
+        l2_stop=True)
     wr = np.asarray(red.w, np.float64)[..., :len(root), :]           # [(G,) r, C']
     alpha = np.einsum('nr,...rc->...nc', u / root, wr).astype(np.float32)
     w = (jax.vmap(_lift, in_axes=(None, 0)) if grid else _lift)(xs, alpha)
@@ -498,10 +504,9 @@ def _fit(x, y, Cs, *, grid, num_classes, sample_weight, class_weight, standardiz
         params, info = _fit_reduced(x, y, s, mean, scale, cs, n_out, grid=grid,
                                     max_iter=max_iter, tol=tol, memory_size=memory_size)
     else:
-        arg = jnp.asarray(cs if grid else cs[0], jnp.float32)
-        params, value, gmax, iters = _lbfgs(
-            x, y, s, mean, scale, arg, jnp.int32(max_iter), jnp.float32(tol), n_out=n_out,
-            memory_size=memory_size, grid=grid)
+        params, value, gmax, iters = _lbfgs_each(
+            (x, y, s, mean, scale), cs, grid=grid, max_iter=max_iter, tol=tol, n_out=n_out,
+            memory_size=memory_size)
         info = {'loss': value, 'grad_max': gmax, 'iterations': iters}
     info = {k: np.asarray(v) for k, v in info.items()}
     check_finite(info['loss'], f'probe loss for C={cs.tolist()}')

@@ -29,7 +29,7 @@ def test_one_pass_top_n_sweep_equals_separate_poolings():
 
 
 def test_top_n_sweep_compiles_to_top_k_not_a_full_sort():
-    # Two top_n from one top_k: without the optimization barrier in steps._pooled the CPU
+    # Two top_n from one top_k: unless steps._pooled masks instead of slicing, the CPU
     # compiler folds the slices into the top_k and emits a stable sort of the whole
     # [B, L, F] activation tensor (50x slower at 32 x 128 x 16k). The compiled program must
     # keep the TopK and contain no sort.

@@ -222,3 +222,34 @@ def write_png(fig: Figure, path: str) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def overlap_notes(heads: list[dict]) -> list[str]:
+    """One sentence per other method: does its macro-F1 interval overlap the SAE probe's?
+
+    The reference is the SAE probe row, or the fused probe's in a fused-only run. Returns
+    [] when no headline row has an interval (runs that did not record them).
+    """
+    rows = [h['row'] for h in heads if h['row'] is not None]
+    if not any(interval(r) for r in rows):
+        return []
+    ref = next((h for h in heads[:2] if h['row'] is not None
+                and h['method'].startswith('SAE')), None)
+    ref_iv = interval(ref['row']) if ref else None
+    if ref_iv is None:
+        return ['The SAE probe has no macro-F1 interval: no overlap check.']
+    notes = []
+    for h in heads:
+        if h is ref or h['row'] is None:
+            continue
+        iv = interval(h['row'])
+        if iv is None:
+            notes.append(f"{h['method']}: no macro-F1 interval to compare.")
+        elif iv[0] <= ref_iv[1] and ref_iv[0] <= iv[1]:
+            notes.append(f"{h['method']} vs {ref['method']}: intervals overlap: "
+                         f"the difference is within noise.")
+        else:
+            side = 'higher' if iv[0] > ref_iv[1] else 'lower'
+            notes.append(f"{h['method']} vs {ref['method']}: no overlap ({h['method']} "
+                         f"is {side}).")
+    return notes

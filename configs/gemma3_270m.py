@@ -31,7 +31,7 @@ def get_config(arg=None):
     # Two binary sets and the 4-class 102_twt_emotion.
     c.data.datasets = ('sae_probes:95_toxic_is', 'sae_probes:96_spam_is',
                        'sae_probes:102_twt_emotion')
-    c.data.max_rows = 500  # whole demo under 3 minutes on 2 CPU cores (README)
+    c.data.max_rows = 500  # demo timing in the README
     c.features.top_n = (20,)  # MOSAIC's top-n count pooling (its sweep used 0, 20 and 50)
     if arg.smoke:
         c.layers = (8,)

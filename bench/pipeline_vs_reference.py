@@ -52,12 +52,12 @@ def _saes(width: int, d: int):
     return out
 
 
-def _ref_features(tmp: str, n: int, p, top: int):
+def _ref_features(tmp: str, n: int, p, layer: int, top: int):
     import torch
     w, b, th = (torch.from_numpy(np.asarray(a)) for a in (p.w_enc, p.b_enc, p.threshold))
     feats = []
     for i in range(n):
-        x = torch.from_numpy(np.load(os.path.join(tmp, f'{i}.npz'))[str(p.layer)])
+        x = torch.from_numpy(np.load(os.path.join(tmp, f'{i}.npz'))[str(layer)])
         pre = x @ w + b
         acts = (pre * (pre > th)).numpy()
         if top == 0:
@@ -98,7 +98,7 @@ def reference(texts, y, splits, saes, path: str) -> dict:
     for layer in LAYERS:
         for top in TOPS:
             t = time.perf_counter()
-            x = _ref_features(tmp, len(texts), _Layered(saes[layer], layer), top)
+            x = _ref_features(tmp, len(texts), saes[layer], layer, top)
             t_feat += time.perf_counter() - t
             for binz in (False, True):
                 t = time.perf_counter()
@@ -108,12 +108,6 @@ def reference(texts, y, splits, saes, path: str) -> dict:
     return dict(total=time.perf_counter() - t0, forward=t_fwd, extraction=t_fwd + t_feat,
                 probes=t_probe, forward_tokens_per_s=n_tok / t_fwd)
 
-
-class _Layered:
-    """An SAE's arrays and the layer it reads (the reference looks hidden states up by it)."""
-
-    def __init__(self, p, layer):
-        self.w_enc, self.b_enc, self.threshold, self.layer = p.w_enc, p.b_enc, p.threshold, layer
 
 
 def _flops_per_token(cfg, width: int, stop: int) -> float:

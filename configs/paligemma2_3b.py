@@ -10,7 +10,7 @@ read on image inputs (the paper's cross-modal study).
 Needs: the checkpoint folder (config.json, model*.safetensors, tokenizer files), the Gemma
 Scope 2b-pt-res SAEs (hub cache or local folders) and an image folder, CSV/parquet table
 ('images:/data/table.csv') or hub dataset ('images:hub:<id>').
-The fields under "cross-modal" are read by the image extractor (`mosaic_jax.image_study`);
+The fields under "cross-modal" are read by the image extractor (`mosaic_jax.experiments.image_study`);
 their CLI wiring is the integration step of issue 22.
 """
 from configs import base, common

@@ -170,7 +170,8 @@ def _main(argv):
     verbose = flags.FLAGS.verbosity >= 1
     if len(argv) > 1:
         _fail(f'unexpected arguments: {" ".join(argv[1:])} (flags are --name=value)')
-    from mosaic_jax import checks, experiment  # pylint: disable=g-import-not-at-top
+    from mosaic_jax import checks  # pylint: disable=g-import-not-at-top
+    from mosaic_jax.experiments import experiment
     try:
         experiment.run(_CONFIG.value)
     except checks.UserError as e:  # bad input or missing weights

@@ -22,7 +22,9 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from mosaic_jax import checkpoint, metrics, probe
+from mosaic_jax import checkpoint
+from mosaic_jax.probing import metrics
+from mosaic_jax.probing import probe
 
 PACKAGES = ('jax', 'jaxlib', 'flax', 'optax', 'orbax-checkpoint', 'numpy', 'scikit-learn',
             'transformers', 'datasets', 'mosaic_jax')
@@ -188,11 +190,15 @@ def _cell(v) -> str:
 
 
 def write_summary(path: str, rows: list[dict], metric_names=SUMMARY_METRICS) -> None:
-    """One CSV row per probe / baseline; columns from `summary_fields(metric_names)`,
-    keys of a row outside them are ignored and missing ones are written empty."""
+    """One CSV row per probe / baseline. Columns: `summary_fields(metric_names)`, then every
+    other key a row has (`train_group`, `regime`, ...) in order of first appearance; nothing a
+    row carries is dropped, and a missing value is written empty."""
+    fields = list(summary_fields(metric_names))
+    known = set(fields)
+    for r in rows:
+        fields += [k for k in r if k not in known and not known.add(k)]
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=summary_fields(metric_names), restval='',
-                       extrasaction='ignore')
+    w = csv.DictWriter(buf, fieldnames=fields, restval='')
     w.writeheader()
     for r in rows:
         w.writerow({k: _cell(v) for k, v in r.items()})

@@ -21,11 +21,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mosaic_jax import data
+from mosaic_jax.data import batching
 from mosaic_jax import features
 from mosaic_jax import parallel
-from mosaic_jax import probe
-from mosaic_jax import sae as sae_lib
+from mosaic_jax.probing import probe
+from mosaic_jax.sae import jumprelu
 from mosaic_jax.variants import TOP_N_POOLINGS, HiddenVariant, SAEKey, Variant
 
 FeatureKey = Variant | HiddenVariant
@@ -75,8 +75,8 @@ def _pooled(params, x, acts, fmask, pooling: str, tops: tuple[int, ...],
     if chunk_size:
         # Wide SAEs: encode and pool block by block over the width, so [B, L, F] never
         # exists (one re-encode per pooling and top_n; memory over speed).
-        return {n: sae_lib.encode_pooled(params, x, fmask, pooling, top_n=n,
-                                         chunk_size=chunk_size) for n in tops}
+        return {n: jumprelu.encode_pooled(params, x, fmask, pooling, top_n=n,
+                                          chunk_size=chunk_size) for n in tops}
     out = {n: features.pool(acts, fmask, pooling, top_n=n) for n in tops if n == 0}
     counted = sorted(n for n in tops if n > 0)
     if counted:
@@ -109,7 +109,7 @@ def compute_features(model, sae_params: dict, input_ids, attention_mask, feature
     out = {}
     for key, li in spec.saes:
         mine = [v for v in spec.variants if v.sae == key]
-        acts = None if spec.chunk_size else sae_lib.encode(sae_params[key], resid[li])
+        acts = None if spec.chunk_size else jumprelu.encode(sae_params[key], resid[li])
         for pooling in dict.fromkeys(v.pooling for v in mine):
             tops = tuple(sorted({v.top_n for v in mine if v.pooling == pooling}))
             pooled = _pooled(sae_params[key], resid[li], acts, feature_mask, pooling, tops,
@@ -165,13 +165,13 @@ class Extractor:
         return self._step.lower(self._state, self._saes, *args).as_text()
 
 
-def extract(extractor: Extractor, batches: Iterable[data.Batch], n: int, *, bos_id,
+def extract(extractor: Extractor, batches: Iterable[batching.Batch], n: int, *, bos_id,
             include_special, progress: bool = True,
             total: int | None = None) -> dict[FeatureKey, np.ndarray]:
     """Pooled features of a whole dataset, batch by batch; never holds [N, T, F].
 
     Args:
-      batches: data.Batch items (input_ids, attention_mask, index, valid).
+      batches: batching.Batch items (input_ids, attention_mask, index, valid).
       n: number of texts; every index in [0, n) must appear once among valid rows.
       total: number of batches, for the progress bar's total and ETA.
     Returns:
@@ -199,18 +199,18 @@ def extract(extractor: Extractor, batches: Iterable[data.Batch], n: int, *, bos_
 # ----------------------------------------------------------------------------------------
 
 def epoch_batches(token_ids: Sequence[Sequence[int]], batch_size: int, *, seed: int,
-                  epoch: int, chunk_batches: int = 1, **batch_kw) -> list[data.Batch]:
+                  epoch: int, chunk_batches: int = 1, **batch_kw) -> list[batching.Batch]:
     """Training batches of one epoch in a seeded random order.
 
     Rows are shuffled (seed, epoch) and cut into chunks of `chunk_batches` batches that are
-    length-bucketed inside (data.batches); the batches are then shuffled too. The default
+    length-bucketed inside (batching.batches); the batches are then shuffled too. The default
     (1) makes every batch a uniform random sample, an unbiased minibatch; larger chunks
     pad less, but where length predicts the label (it often does) they bring back
     single-class batches like a length-sorted pass over the whole dataset.
     `Batch.index` is the row's position in `token_ids`.
 
     Args:
-      batch_kw: data.batches options (pad_id, pad_side, multiple_of, ...).
+      batch_kw: batching.batches options (pad_id, pad_side, multiple_of, ...).
     """
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(token_ids))
@@ -218,14 +218,14 @@ def epoch_batches(token_ids: Sequence[Sequence[int]], batch_size: int, *, seed: 
     out = []
     for start in range(0, len(perm), step):
         rows = perm[start:start + step]
-        for b in data.batches([token_ids[i] for i in rows], batch_size, **batch_kw):
+        for b in batching.batches([token_ids[i] for i in rows], batch_size, **batch_kw):
             index = np.where(b.valid, rows[np.maximum(b.index, 0)], -1)
             out.append(b._replace(index=index))
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def batch_targets(b: data.Batch, labels: np.ndarray, class_weight: np.ndarray):
-    """Rows, labels and weights of one data.Batch for the probe (filler rows: weight 0).
+def batch_targets(b: batching.Batch, labels: np.ndarray, class_weight: np.ndarray):
+    """Rows, labels and weights of one batching.Batch for the probe (filler rows: weight 0).
 
     Returns:
       idx int[B] (filler rows point at row 0), lab int32[B], w float32[B], valid bool[B].
@@ -238,10 +238,10 @@ def batch_targets(b: data.Batch, labels: np.ndarray, class_weight: np.ndarray):
 
 
 def train_cached_minibatch(x: np.ndarray, labels: np.ndarray, class_weight: np.ndarray,
-                           batches_fn: Callable[[int], Iterable[data.Batch]], *, epochs: int,
+                           batches_fn: Callable[[int], Iterable[batching.Batch]], *, epochs: int,
                            lr: float, C: float, num_classes: int):
     """The cached twin of fused training: the same step on stored features, fed in the
-    same batch order (data.Batch.index selects rows), for checking the two agree.
+    same batch order (batching.Batch.index selects rows), for checking the two agree.
 
     Args:
       x: [N, F] pooled features; labels: int[N]; class_weight: float[C].
@@ -314,13 +314,13 @@ class FusedTrainer:
         return self._step.lower(*self._args(b, fmask, labels, weights, valid)).as_text()
 
 
-def train_fused(trainer: FusedTrainer, batches_fn: Callable[[int], Iterable[data.Batch]],
+def train_fused(trainer: FusedTrainer, batches_fn: Callable[[int], Iterable[batching.Batch]],
                 labels: np.ndarray, weights: np.ndarray, *, epochs: int, bos_id,
                 include_special: bool) -> list[float]:
     """Streams `epochs` passes of training batches through the fused step.
 
     Args:
-      batches_fn: epoch -> iterable of data.Batch over the training texts (index =
+      batches_fn: epoch -> iterable of batching.Batch over the training texts (index =
         position in `labels`), e.g. `epoch_batches`.
       labels: int[N] training labels; weights: float[C] per-class weights.
     Returns:

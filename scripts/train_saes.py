@@ -5,7 +5,7 @@ Two resumable phases, both safe to kill and rerun with the same flags:
          streams after blocks 3, 8 and 13 (BOS and padding excluded) as float32 .npy shards;
   train: one `sae_train.train_sae` run per SAE (orbax checkpoints under the workdir), then
          evaluation (L0, FVE, dead fraction, spliced next-token loss increase) and export
-         with `sae.save_sae` (bfloat16) to <out_dir>/layer_<L>_width_<W/1024>k/.
+         with `sae_loading.save_sae` (bfloat16) to <out_dir>/layer_<L>_width_<W/1024>k/.
 
   nohup python scripts/train_saes.py --workdir=workdir/sae_gemma3_270m > sae.log 2>&1 &
 """
@@ -25,7 +25,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mosaic_jax import checkpoint, data, sae, sae_train, splits  # noqa: E402
+from mosaic_jax import checkpoint  # noqa: E402
+from mosaic_jax.sae import train as sae_train
+from mosaic_jax.data import splits
+from mosaic_jax.data import batching
+from mosaic_jax.data import loading as data_loading
+from mosaic_jax.sae import loading as sae_loading
 
 MODEL = 'gemma3_270m'
 # The paper's Gemma 2 2B layers 5/12/19 of 26 blocks, scaled to 18 blocks.
@@ -74,12 +79,12 @@ def select_texts(tokenizer) -> dict:
     'skipped': {dataset: reason}}; 'eval' texts are distinct from 'train' texts.
     """
     per_dataset, skipped = {}, {}
-    for name in data.sae_probes_names():
+    for name in data_loading.sae_probes_names():
         if name in EXCLUDED:
             skipped[name] = 'demo dataset (probe evaluation data)'
             continue
         try:
-            ds = data.load(f'{data.SAE_PROBES_PREFIX}{name}')
+            ds = data_loading.load(f'{data_loading.SAE_PROBES_PREFIX}{name}')
             train_idx, _, _ = splits.split(ds.labels, SPLIT_SEED, FRACTIONS)
         except ValueError as e:  # continuous targets, one-class sets: no probe split
             skipped[name] = str(e).split(';')[0][:120]
@@ -90,8 +95,8 @@ def select_texts(tokenizer) -> dict:
     names = sorted(per_dataset)
     order = [(n, i) for i in range(_TEXTS_PER_DATASET.value) for n in names
              if i < len(per_dataset[n])]
-    ids, _ = data.tokenize([per_dataset[n][i] for n, i in order], tokenizer,
-                           _MAX_LENGTH.value)
+    ids, _ = batching.tokenize([per_dataset[n][i] for n, i in order], tokenizer,
+                               _MAX_LENGTH.value)
     out = dict(train=[], eval=[], counts={}, skipped=skipped)
     budgets = dict(train=_TRAIN_TOKENS.value, eval=_EVAL_TOKENS.value)
     split, used = 'train', 0
@@ -134,8 +139,8 @@ def cache_split(model, tokenizer, rows: list, folder: str) -> int:
     residuals = _residual_fn(model)
     buf = {layer: [] for layer in LAYERS}
     buffered = 0
-    batches = list(data.batches(rows, _BATCH.value, pad_id=tokenizer.pad_token_id,
-                                bucket_sizes=(32, 64, 128, 256)))
+    batches = list(batching.batches(rows, _BATCH.value, pad_id=tokenizer.pad_token_id,
+                                    bucket_sizes=(32, 64, 128, 256)))
     t0 = time.time()
     for b, batch in enumerate(batches):
         if b < progress['batches']:
@@ -219,8 +224,8 @@ def train_one(layer: int, width: int, workdir: str, manifest: dict, model) -> di
                       'folded back into the params (sae_train.to_sae_params), so they take '
                       'raw residuals and have unit decoder rows',
         date=datetime.date.today().isoformat(), config=dataclasses.asdict(cfg),
-        trainer='mosaic_jax.sae_train (JumpReLU, Gemma Scope recipe)')
-    sae.save_sae(out, params, meta, dtype='bfloat16')
+        trainer='mosaic_jax.sae.train (JumpReLU, Gemma Scope recipe)')
+    sae_loading.save_sae(out, params, meta, dtype='bfloat16')
     logging.info('%s: L0 %.1f FVE %.3f dead %.3f delta loss %.4f', name, ev['l0'], ev['fve'],
                  ev['dead_fraction'], spliced['loss_increase'])
     return meta

@@ -15,7 +15,11 @@ import numpy as np  # noqa: E402
 jax.config.update('jax_default_matmul_precision', 'highest')
 
 from configs import tiny  # noqa: E402
-from mosaic_jax import assets, data, experiment, parallel, steps  # noqa: E402
+from mosaic_jax import parallel, steps  # noqa: E402
+from mosaic_jax.experiments import assets
+from mosaic_jax.experiments import experiment
+from mosaic_jax.data import batching
+from mosaic_jax.data import loading as data_loading
 
 
 def main(model_dir, folder, out, port, pid):
@@ -42,11 +46,11 @@ def main(model_dir, folder, out, port, pid):
         layers=tuple(c.layers), config_layers=tuple(c.layers), saes=saes,
         pooling=tuple(c.features.pooling), binarize=tuple(c.features.binarize),
         top_n=0, threshold=1.0, chunk_size=0, hidden=('last',))
-    ds = data.load(c.data.datasets[0], max_rows=c.data.max_rows, seed=c.seed)
-    ids, _ = data.tokenize(ds.texts, tok, c.model.max_length)
+    ds = data_loading.load(c.data.datasets[0], max_rows=c.data.max_rows, seed=c.seed)
+    ids, _ = batching.tokenize(ds.texts, tok, c.model.max_length)
     devices = parallel.Devices('mesh')
     ex = steps.Extractor(model, saes, spec, devices)
-    feats = steps.extract(ex, data.batches(ids, 16, pad_id=tok.pad_token_id, multiple_of=4),
+    feats = steps.extract(ex, batching.batches(ids, 16, pad_id=tok.pad_token_id, multiple_of=4),
                           len(ids), bos_id=tok.bos_token_id, include_special=False,
                           progress=False)
     if jax.process_index() == 0:

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from mosaic_jax import baselines, data, splits
+from mosaic_jax.probing import baselines
+from mosaic_jax.data import splits
+from mosaic_jax.data import loading as data_loading
 
 
 def test_unknown_baseline_lists_valid_names():
@@ -12,7 +14,7 @@ def test_unknown_baseline_lists_valid_names():
 
 
 def test_tfidf_on_real_toxic_is_beats_chance():
-    d = data.load('sae_probes:95_toxic_is')
+    d = data_loading.load('sae_probes:95_toxic_is')
     tr, va, te = splits.split(d.labels, seed=0)
     texts = lambda idx: [d.texts[i] for i in idx]
     out = baselines.run('tfidf', texts(tr), d.labels[tr], texts(te), texts(va),

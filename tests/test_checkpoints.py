@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from configs import gemma3_270m
-from mosaic_jax import assets
-from mosaic_jax import sae as sae_lib
+from mosaic_jax.experiments import assets
+from mosaic_jax.sae import loading as sae_loading
 from mosaic_jax.variants import parse_width
 
 CONFIG = gemma3_270m.get_config()
@@ -22,7 +22,7 @@ def test_demo_grid_is_the_papers_depths_plus_a_width_comparison():
 def test_shipped_sae_loads_with_metadata(layer, width):
     src = assets.resolve_sae_source(CONFIG.sae.source, layer, width)
     assert os.path.isdir(src), f'missing shipped SAE {src}'
-    params = sae_lib.load_sae(src, d_model=640)
+    params = sae_loading.load_sae(src, d_model=640)
     assert params.width == parse_width(width)
     meta = json.load(open(os.path.join(src, 'metadata.json')))
     assert meta['layer'] == layer and meta['width'] == params.width

@@ -1,7 +1,7 @@
 """claims.py: verdicts from intervals, and the markdown from a summary.csv."""
 import csv
 
-from mosaic_jax import claims
+from mosaic_jax.experiments import claims
 
 
 def _row(ds, kind, f1, lo, hi, **kw):

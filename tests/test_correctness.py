@@ -4,8 +4,8 @@ import csv
 import pytest
 
 from configs import tiny as tiny_config
-from mosaic_jax import correctness
-from mosaic_jax import experiment
+from mosaic_jax.experiments import correctness
+from mosaic_jax.experiments import experiment
 from mosaic_jax.models import generate
 from tests import test_pipeline
 

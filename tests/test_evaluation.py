@@ -1,7 +1,9 @@
 """Choosing candidates: folds never split a text's copies, and nothing reads test labels."""
 import numpy as np
 
-from mosaic_jax import evaluation, metrics, splits
+from mosaic_jax.probing import evaluation
+from mosaic_jax.probing import metrics
+from mosaic_jax.data import splits
 
 
 def _data(n=160, seed=0):

@@ -8,7 +8,10 @@ import pytest
 
 import paligemma_helpers as ph
 import tiny_assets
-from mosaic_jax import features, image_study, images, sae
+from mosaic_jax import features
+from mosaic_jax.experiments import image_study
+from mosaic_jax.data import images
+from mosaic_jax.sae import loading as sae_loading
 from mosaic_jax.models import loading
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'scripts'))
@@ -29,7 +32,7 @@ def test_features_from_images_end_to_end(setup):
     model, tok, root = setup
     ds = images.load_folder(str(root / 'digits'))
     sp = images.split(ds, seed=0, fractions=(0.5, 0.25, 0.25))
-    saes = {1: sae.from_arrays(tiny_assets.random_sae_arrays(32, 64, seed=1), where='tiny')}
+    saes = {1: sae_loading.from_arrays(tiny_assets.random_sae_arrays(32, 64, seed=1), where='tiny')}
     spec = image_study.ReadSpec(layers=(1, 2), positions='both', poolings=('mean', 'max'),
                                 batch_size=16)
     feats = image_study.extract(model, tok, ds, spec, saes)

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mosaic_jax import images
+from mosaic_jax.data import images
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'scripts'))
 import digits_to_folder  # noqa: E402

@@ -49,7 +49,7 @@ def _run(installed, cwd, code):
 def test_installed_package_loads_the_shipped_saes_from_elsewhere(installed, tmp_path):
     r = _run(installed, tmp_path, '''
         from configs import gemma3_270m
-        from mosaic_jax import assets
+        from mosaic_jax.experiments import assets
         saes = assets.load_saes(gemma3_270m.get_config(), 640)
         print(sorted(k.name for k in saes))
     ''')

@@ -8,7 +8,7 @@ from sklearn import metrics as skm
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold
 
-from mosaic_jax import metrics
+from mosaic_jax.probing import metrics
 
 
 def _random_task(n, c, seed):

@@ -19,7 +19,7 @@ from sklearn.metrics import f1_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.class_weight import compute_class_weight
 
-from mosaic_jax import probe
+from mosaic_jax.probing import probe
 
 N_TRAIN, N_TEST, F = 900, 300, 30
 TIGHT = dict(tol=1e-6, max_iter=1000)  # float32 gradients are good to ~1e-7 here

@@ -1,4 +1,4 @@
-"""report.build on a synthetic workdir written with results.py's own writers."""
+"""report.page.build on a synthetic workdir written with results.py's own writers."""
 import csv
 import math
 import os
@@ -9,8 +9,9 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 
 from configs import tiny
-from mosaic_jax import report
-from mosaic_jax import report_plots
+from mosaic_jax.report import page as report_page
+from mosaic_jax.report import read as report_read
+from mosaic_jax.report import plots as report_plots
 from mosaic_jax import results
 from mosaic_jax import variants
 
@@ -174,7 +175,7 @@ def built(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('work'))
     write_run(workdir, GEMMA, '20250101_000000')
     write_run(workdir, OWN, '20250101_000000', datasets=DATASETS[:1])  # fewer PNGs to draw
-    path = report.build(workdir)
+    path = report_page.build(workdir)
     with open(path) as f:
         return workdir, path, f.read()
 
@@ -225,9 +226,9 @@ def test_neuronpedia_links_exactly_for_gemma_scope(built):
 
 def test_headline_selects_on_validation_not_test(built):
     workdir, _, _ = built
-    run = next(r for r in report.load(workdir) if r.model == 'tiny')
-    view = report.dataset_views(workdir, run)[0]
-    table = {h['method']: h for h in report.headline(view)}
+    run = next(r for r in report_read.load(workdir) if r.model == 'tiny')
+    view = report_read.dataset_views(workdir, run)[0]
+    table = {h['method']: h for h in report_read.headline(view)}
     sae = table['SAE probe (best variant)']
     assert (sae['row']['layer'], sae['row']['width'], sae['row']['variant']) == (1, '64', 'max')
     assert sae['basis'] == 'validation'
@@ -241,7 +242,7 @@ def test_missing_pieces_are_reported_not_fatal(tmp_path):
     workdir = str(tmp_path)
     write_run(workdir, OWN, 'r1', layers=(1,), datasets=('95_toxic_is',), widths=('64',),
               baselines=False)
-    with open(report.build(workdir)) as f:
+    with open(report_page.build(workdir)) as f:
         text = f.read()
     assert 'Only layer 1 was run' in text
     assert 'Not in this run: hidden_last, hidden_mean, tfidf, tree.' in text
@@ -255,32 +256,32 @@ def test_latest_run_by_default_and_run_id_on_request(tmp_path):
     write_run(workdir, OWN, 'aa_new', layers=(1,), datasets=('ag<news>&co',))
     # The older run's id sorts last; latest must mean "summary written last".
     os.utime(os.path.join(old, 'summary.csv'), (1e9, 1e9))
-    with open(report.build(workdir)) as f:
+    with open(report_page.build(workdir)) as f:
         text = f.read()
     assert 'ag&lt;news&gt;' in text and '95_toxic_is' not in text
-    with open(report.build(workdir, run_id='zz_old')) as f:
+    with open(report_page.build(workdir, run_id='zz_old')) as f:
         text = f.read()
     assert '95_toxic_is' in text and 'ag&lt;news&gt;' not in text
     with pytest.raises(ValueError, match=r"no run 'nope'.*aa_new"):
-        report.build(workdir, run_id='nope')
+        report_page.build(workdir, run_id='nope')
 
 
 def test_empty_or_missing_workdir_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match='no finished run under'):
-        report.build(str(tmp_path))
+        report_page.build(str(tmp_path))
     with pytest.raises(ValueError, match='does not exist'):
-        report.build(str(tmp_path / 'absent'))
+        report_page.build(str(tmp_path / 'absent'))
 
 
 def test_top_features_binary_signs_and_multiclass():
     lp = dict(feature_analysis=dict(importance_scores=[[0.5, -2.0, 1.0, 0.0]]))
-    tops = report.top_features(lp, ['neg', 'pos'], k=2)
+    tops = report_read.top_features(lp, ['neg', 'pos'], k=2)
     assert tops == {'neg': [(1, 2.0), (3, -0.0)], 'pos': [(2, 1.0), (0, 0.5)]}
     lp = dict(feature_analysis=dict(importance_scores=[[0, 3, 1], [2, 0, 1], [0, 0, 9]]))
-    assert [v[0][0] for v in report.top_features(lp, ['a', 'b', 'c'], k=1).values()] == [1, 0, 2]
+    assert [v[0][0] for v in report_read.top_features(lp, ['a', 'b', 'c'], k=1).values()] == [1, 0, 2]
     with pytest.raises(ValueError, match='2 rows for 3 classes'):
-        report.top_features(dict(feature_analysis=dict(importance_scores=[[1], [2]])),
-                            ['a', 'b', 'c'])
+        report_read.top_features(dict(feature_analysis=dict(importance_scores=[[1], [2]])),
+                                 ['a', 'b', 'c'])
 
 
 @pytest.mark.parametrize('path, source, want', [
@@ -291,8 +292,8 @@ def test_top_features_binary_signs_and_multiclass():
     ('google/gemma-2-2b', 'gemma-scope-2b-pt-res-canonical', None),
 ])
 def test_neuronpedia_model_id(path, source, want):
-    assert report.neuronpedia_model_id(dict(model=dict(path=path),
-                                            sae=dict(source=source))) == want
+    assert report_read.neuronpedia_model_id(dict(model=dict(path=path),
+                                                 sae=dict(source=source))) == want
 
 
 def test_fused_only_run(tmp_path):
@@ -303,13 +304,13 @@ def test_fused_only_run(tmp_path):
     rows = [dict(common, layer=1, width='64', macro_f1=0.61, accuracy=0.7, roc_auc=0.8),
             dict(common, layer=2, width='64', macro_f1=0.63, accuracy=0.7, roc_auc=0.8)]
     results.write_summary(os.path.join(workdir, 'tiny', '_runs', 'r', 'summary.csv'), rows)
-    with open(report.build(workdir)) as f:
+    with open(report_page.build(workdir)) as f:
         text = f.read()
     assert 'No config.json in this run.' in text and 'No timings.json in this run.' in text
     assert 'No cached-training SAE probe in this run' in text
     assert 'No SAE probe variants (cached training) to show.' in text
     assert len(re.findall(r'<img src=', text)) == 2  # by-layer and bars, from the fused rows
-    fused = [h for h in report.headline(report.dataset_views(workdir, report.load(workdir)[0])[0])
+    fused = [h for h in report_read.headline(report_read.dataset_views(workdir, report_read.load(workdir)[0])[0])
              if h['method'] == 'SAE fused probe'][0]
     # No validation score and no select_score: nothing is chosen (never on test).
     assert fused['row'] is None and fused['basis'] == 'unscored'
@@ -317,8 +318,8 @@ def test_fused_only_run(tmp_path):
 
 
 def _view(workdir, model='tiny'):
-    run = next(r for r in report.load(workdir) if r.model == model)
-    return report.dataset_views(workdir, run)[0]
+    run = next(r for r in report_read.load(workdir) if r.model == model)
+    return report_read.dataset_views(workdir, run)[0]
 
 
 def test_old_format_workdir_still_renders(tmp_path):
@@ -326,7 +327,7 @@ def test_old_format_workdir_still_renders(tmp_path):
     'last'/'mean', tree 'max/bin', none of the new summary columns."""
     workdir = str(tmp_path)
     write_run(workdir, OWN, 'old', datasets=('95_toxic_is',), old_format=True)
-    with open(report.build(workdir)) as f:
+    with open(report_page.build(workdir)) as f:
         text = f.read()
     assert len(re.findall(r'<img src=', text)) == 4
     assert '<td>max/bin</td>' in text
@@ -334,7 +335,7 @@ def test_old_format_workdir_still_renders(tmp_path):
     view = _view(workdir)
     assert all(r['top_n'] is None and r['selected'] is False and math.isnan(r['macro_f1_lo'])
                for r in view.rows)
-    table = {h['method']: h for h in report.headline(view)}
+    table = {h['method']: h for h in report_read.headline(view)}
     # Hidden JSON keys 'last'/'mean' still give validation scores.
     assert table['hidden_last']['basis'] == 'validation'
     assert table['hidden_mean']['row']['layer'] == 2
@@ -342,11 +343,11 @@ def test_old_format_workdir_still_renders(tmp_path):
     # select_score: those rows are not ranked; the choice is among rows with a validation
     # score, never by test macro-F1.
     sae = table['SAE probe (best variant)']
-    val = report._val_scores(view)
-    assert sae['basis'] == 'validation' and not math.isnan(val[report._key(sae['row'])])
-    assert any(math.isnan(val.get(report._key(r), math.nan)) for r in view.rows
+    val = report_read._val_scores(view)
+    assert sae['basis'] == 'validation' and not math.isnan(val[report_read._key(sae['row'])])
+    assert any(math.isnan(val.get(report_read._key(r), math.nan)) for r in view.rows
                if r['kind'] == 'sae')
-    assert report.overlap_notes(report.headline(view)) == []
+    assert report_read.overlap_notes(report_read.headline(view)) == []
 
 
 def test_new_columns_are_read_from_the_summary(tmp_path):
@@ -366,7 +367,7 @@ def test_new_columns_are_read_from_the_summary(tmp_path):
 def with_intervals(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp('intervals'))
     write_run(workdir, OWN, 'r', datasets=('95_toxic_is',), intervals=0.05)
-    with open(report.build(workdir)) as f:
+    with open(report_page.build(workdir)) as f:
         return workdir, f.read()
 
 
@@ -383,7 +384,7 @@ def test_intervals_in_tables(with_intervals):
 
 def test_overlap_sentence_per_baseline(with_intervals):
     workdir, text = with_intervals
-    notes = report.overlap_notes(report.headline(_view(workdir)))
+    notes = report_read.overlap_notes(report_read.headline(_view(workdir)))
     ref = 'vs SAE probe (best variant)'
     # SAE [0.62, 0.72]; hidden_last L2 [0.67, 0.77], hidden_mean L2 [0.69, 0.79],
     # TF-IDF [0.61, 0.71]; the tree of layer 1 [0.46, 0.56].
@@ -400,14 +401,14 @@ def test_overlap_notes_edge_cases():
     def head(method, lo=math.nan, hi=math.nan):
         return dict(method=method, basis='test',
                     row=dict(macro_f1=(lo + hi) / 2, macro_f1_lo=lo, macro_f1_hi=hi))
-    assert report.overlap_notes([head('SAE probe (best variant)'), head('TF-IDF')]) == []
-    notes = report.overlap_notes([head('SAE probe (best variant)', 0.5, 0.6),
-                                  head('TF-IDF', 0.7, 0.8), head('hidden_last'),
-                                  dict(method='TF-IDF', row=None, basis='')])
+    assert report_read.overlap_notes([head('SAE probe (best variant)'), head('TF-IDF')]) == []
+    notes = report_read.overlap_notes([head('SAE probe (best variant)', 0.5, 0.6),
+                                       head('TF-IDF', 0.7, 0.8), head('hidden_last'),
+                                       dict(method='TF-IDF', row=None, basis='')])
     assert notes == ['TF-IDF vs SAE probe (best variant): no overlap (TF-IDF is higher).',
                      'hidden_last: no macro-F1 interval to compare.']
-    assert report.overlap_notes([head('SAE probe (best variant)'),
-                                 head('TF-IDF', 0.7, 0.8)]) == [
+    assert report_read.overlap_notes([head('SAE probe (best variant)'),
+                                      head('TF-IDF', 0.7, 0.8)]) == [
         'The SAE probe has no macro-F1 interval: no overlap check.']
 
 
@@ -422,7 +423,7 @@ def test_headline_uses_the_rows_the_run_selected(tmp_path):
         return (r['kind'], layer, width, r['variant']) in picked
 
     write_run(workdir, OWN, 'r', datasets=('95_toxic_is',), mark=mark)
-    heads = report.headline(_view(workdir))
+    heads = report_read.headline(_view(workdir))
     got = [(h['method'], h['basis'], (h['row']['layer'], h['row']['width'], h['row']['variant']))
            for h in heads]
     # Validation alone would pick layer 1 / 64 / max and hidden_mean at layer 2 (see
@@ -432,7 +433,7 @@ def test_headline_uses_the_rows_the_run_selected(tmp_path):
                    ('hidden_last', 'run', (1, None, 'hidden_last')),
                    ('TF-IDF', 'run', (None, None, 'tfidf')),
                    ('decision tree (SAE features)', 'run', (2, '128', 'max+bin'))]
-    with open(report.build(workdir)) as f:
+    with open(report_page.build(workdir)) as f:
         text = f.read()
     assert 'marked selected by the run' in text
     assert 'Linear-probe weights of layer 2, width 128, variant mean+bin.' in text
@@ -441,7 +442,7 @@ def test_headline_uses_the_rows_the_run_selected(tmp_path):
 def test_report_plots_draw_error_bars_and_write_pngs(with_intervals, tmp_path):
     workdir, _ = with_intervals
     view = _view(workdir)
-    cells = report.best_per_cell(view)
+    cells = report_read.best_per_cell(view)
     plain = [{k: v for k, v in r.items() if not k.endswith(('_lo', '_hi'))} for r in view.rows]
     figs = {'by_layer': report_plots.plot_by_layer(view.name, view.rows, cells),
             'bars': report_plots.plot_bars(view.name, view.rows, cells),

@@ -1,7 +1,7 @@
 """report_transfer: each training group's method is chosen by select_score, never test."""
 import numpy as np
 
-from mosaic_jax import report_transfer
+from mosaic_jax.report import transfer as report_transfer
 
 
 def _r(train, test, layer, f1, sel):

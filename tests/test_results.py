@@ -6,7 +6,9 @@ import pytest
 from sklearn import metrics as skm
 from sklearn.tree import DecisionTreeClassifier
 
-from mosaic_jax import metrics, report, results
+from mosaic_jax import results
+from mosaic_jax.probing import metrics
+from mosaic_jax.report import read as report_read
 
 NAMES = ['a', 'b', 'c', 'd']
 
@@ -68,21 +70,22 @@ def _read(path):
 
 def test_write_summary_default_columns(tmp_path):
     path = str(tmp_path / 'summary.csv')
-    results.write_summary(path, [_row(top_n=32, seed=0, extra='ignored'),
+    results.write_summary(path, [_row(top_n=32, seed=0, train_group='en'),
                                  _row(kind='tfidf', C=None, binarized=np.bool_(False))])
     fields, rows = _read(path)
     assert fields == ['dataset', 'layer', 'width', 'kind', 'variant', 'pooling', 'binarized',
                       'top_n', 'k', 'selected', 'seed', 'C',
                       'macro_f1', 'macro_f1_lo', 'macro_f1_hi', 'accuracy', 'accuracy_lo',
                       'accuracy_hi', 'roc_auc', 'roc_auc_lo', 'roc_auc_hi',
-                      'select_score', 'n_train', 'n_test', 'seconds']
-    assert tuple(fields) == results.SUMMARY_FIELDS
+                      'select_score', 'n_train', 'n_test', 'seconds', 'train_group']
+    assert tuple(fields[:-1]) == results.SUMMARY_FIELDS  # then every other key a row has
+    assert rows[0]['train_group'] == 'en' and rows[1]['train_group'] == ''
     assert rows[0]['macro_f1'] == '0.8123' and rows[0]['macro_f1_lo'] == ''  # missing: empty
     assert rows[0]['top_n'] == '32' and rows[0]['seed'] == '0' and rows[0]['selected'] == ''
     assert rows[0]['roc_auc'] == 'nan' and rows[0]['binarized'] == 'True'
     assert rows[1]['C'] == '' and rows[1]['binarized'] == 'False'
-    # report.py still reads it.
-    parsed = report.read_summary(path)
+    # The report still reads it.
+    parsed = report_read.read_summary(path)
     assert parsed[0]['macro_f1'] == pytest.approx(0.8123, abs=1e-12)  # written to 4 places
 
 
@@ -91,7 +94,9 @@ def test_write_summary_follows_the_configured_metrics(tmp_path):
     names = ('macro_f1', 'balanced_accuracy', 'macro_f1_present')
     scores = metrics.compute_with_intervals(y, proba, names, n_resamples=200)
     path = str(tmp_path / 'summary.csv')
-    results.write_summary(path, [_row(selected=True, **scores)], metric_names=names)
+    row = {k: v for k, v in _row(selected=True, **scores).items()
+           if k not in ('accuracy', 'roc_auc')}  # only the configured metrics, as a run's rows
+    results.write_summary(path, [row], metric_names=names)
     fields, rows = _read(path)
     metric_cols = [c for m in names for c in (m, f'{m}_lo', f'{m}_hi')]
     assert fields == list(results.SUMMARY_IDENTITY) + metric_cols + ['select_score', 'n_train',

@@ -1,4 +1,4 @@
-"""sae.py: JumpReLU encode/decode against numpy, chunking, fused pooling, loaders and errors."""
+"""sae.jumprelu + sae.loading: JumpReLU encode/decode against numpy, chunking, fused pooling, loaders and errors."""
 import json
 import os
 import shutil
@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from mosaic_jax import checkpoint, features, sae
+from mosaic_jax import checkpoint, features
+from mosaic_jax.sae import jumprelu
+from mosaic_jax.sae import loading as sae_loading
 
 D, F = 48, 200
 
@@ -26,7 +28,7 @@ def _arrays(seed=0, d=D, f=F):
 
 
 def _params(seed=0, apply_b_dec=False):
-    return sae.from_arrays(_arrays(seed), where='test', apply_b_dec_to_input=apply_b_dec)
+    return sae_loading.from_arrays(_arrays(seed), where='test', apply_b_dec_to_input=apply_b_dec)
 
 
 def _x(shape=(3, 7), seed=1):
@@ -49,7 +51,7 @@ def test_encode_matches_numpy_formula(apply_b_dec):
     # The gate is a hard comparison: make sure no pre-activation is so close to its threshold
     # that float32 rounding could flip it (this seed has a margin far above float32 error).
     assert np.min(np.abs(pre - arrays['threshold'])) > 1e-4
-    got = np.asarray(sae.encode(_params(apply_b_dec=apply_b_dec), x))
+    got = np.asarray(jumprelu.encode(_params(apply_b_dec=apply_b_dec), x))
     assert got.shape == (3, 7, F) and got.dtype == np.float32
     np.testing.assert_array_equal(got > 0, want > 0)
     # float32 dot products of length D=48 with |terms| ~ 0.3 vs a float64 reference.
@@ -63,7 +65,7 @@ def test_decode_matches_numpy():
     f = np.abs(np.random.default_rng(3).normal(size=(4, F))).astype(np.float32)
     want = f.astype(np.float64) @ arrays['W_dec'] + arrays['b_dec']
     # float32 dot products of length F=200 vs float64.
-    np.testing.assert_allclose(np.asarray(sae.decode(_params(), f)), want, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(jumprelu.decode(_params(), f)), want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize('chunk', [1, 50, 64, 199, 200, 1000])
@@ -71,8 +73,8 @@ def test_chunked_equals_unchunked(chunk):
     p, x = _params(), _x()
     # No gate within float32 error of its threshold (machine-independent float64 check).
     assert np.min(np.abs(_reference(_arrays(), x)[1] - _arrays()['threshold'])) > 1e-4
-    full = np.asarray(sae.encode(p, x))
-    got = np.asarray(jax.jit(lambda p, x: sae.encode(p, x, chunk_size=chunk))(p, x))
+    full = np.asarray(jumprelu.encode(p, x))
+    got = np.asarray(jax.jit(lambda p, x: jumprelu.encode(p, x, chunk_size=chunk))(p, x))
     np.testing.assert_array_equal(got > 0, full > 0)
     # Each output is the same length-D dot product; XLA may only tile the contraction
     # differently for a different output width, which moves at most the last float32 bit.
@@ -88,8 +90,8 @@ def test_encode_pooled_equals_pool_of_encode(mode, top_n, chunk):
     assert np.min(np.abs(_reference(_arrays(), x)[1] - _arrays()['threshold'])) > 1e-5
     mask = np.random.default_rng(5).random((4, 9)) > 0.3
     mask[1] = False                      # an all-masked row
-    want = np.asarray(features.pool(sae.encode(p, x), mask, mode, top_n=top_n))
-    fn = jax.jit(lambda p, x, m: sae.encode_pooled(p, x, m, mode, top_n=top_n, chunk_size=chunk))
+    want = np.asarray(features.pool(jumprelu.encode(p, x), mask, mode, top_n=top_n))
+    fn = jax.jit(lambda p, x, m: jumprelu.encode_pooled(p, x, m, mode, top_n=top_n, chunk_size=chunk))
     got = np.asarray(fn(p, x, mask))
     assert got.shape == (4, F)
     # Same per-element dot products as above (last-bit tiling differences at most); counts
@@ -102,7 +104,7 @@ def test_encode_pooled_equals_pool_of_encode(mode, top_n, chunk):
 
 def test_encode_checks_input_width():
     with pytest.raises(ValueError, match='d_model is 48'):
-        sae.encode(_params(), np.zeros((2, D + 1), np.float32))
+        jumprelu.encode(_params(), np.zeros((2, D + 1), np.float32))
 
 
 # ----------------------------------------------------------------------------- loaders
@@ -125,7 +127,7 @@ def _write_saelens(folder, arrays, **cfg):
         json.dump(base, fh)
 
 
-def _assert_same(a: sae.SAEParams, b: sae.SAEParams):
+def _assert_same(a: jumprelu.SAEParams, b: jumprelu.SAEParams):
     assert a.apply_b_dec_to_input == b.apply_b_dec_to_input
     for k in ('w_enc', 'b_enc', 'threshold', 'w_dec', 'b_dec'):
         np.testing.assert_array_equal(np.asarray(getattr(a, k)), np.asarray(getattr(b, k)))
@@ -135,9 +137,9 @@ def test_gemma_scope_and_saelens_load_identically(tmp_path):
     arrays = _arrays(7)
     npz = _write_npz(str(tmp_path / 'gs' / 'layer_12'), arrays)
     _write_saelens(str(tmp_path / 'sl'), arrays)
-    from_file = sae.load_sae(npz, d_model=D)
-    from_folder = sae.load_sae(os.path.dirname(npz))
-    from_saelens = sae.load_sae(str(tmp_path / 'sl'), d_model=D)
+    from_file = sae_loading.load_sae(npz, d_model=D)
+    from_folder = sae_loading.load_sae(os.path.dirname(npz))
+    from_saelens = sae_loading.load_sae(str(tmp_path / 'sl'), d_model=D)
     _assert_same(from_file, from_folder)
     _assert_same(from_file, from_saelens)
     assert (from_file.d_model, from_file.width) == (D, F)
@@ -146,36 +148,36 @@ def test_gemma_scope_and_saelens_load_identically(tmp_path):
 
 def test_saelens_apply_b_dec_flag_is_read(tmp_path):
     _write_saelens(str(tmp_path), _arrays(), apply_b_dec_to_input=True)
-    p = sae.load_sae(str(tmp_path))
+    p = sae_loading.load_sae(str(tmp_path))
     assert p.apply_b_dec_to_input
     want, _ = _reference(_arrays(), _x(), apply_b_dec=True)
     # Same tolerance as test_encode_matches_numpy_formula.
-    np.testing.assert_allclose(np.asarray(sae.encode(p, _x())), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(jumprelu.encode(p, _x())), want, rtol=1e-5, atol=1e-5)
 
 
 def test_saelens_other_architecture_is_rejected(tmp_path):
     _write_saelens(str(tmp_path), _arrays(), architecture='topk')
     with pytest.raises(ValueError, match="architecture 'topk'.*jumprelu"):
-        sae.load_sae(str(tmp_path))
+        sae_loading.load_sae(str(tmp_path))
 
 
 def test_saelens_cfg_width_mismatch(tmp_path):
     _write_saelens(str(tmp_path), _arrays(), d_sae=F + 1)
     with pytest.raises(ValueError, match='d_sae=201'):
-        sae.load_sae(str(tmp_path))
+        sae_loading.load_sae(str(tmp_path))
 
 
 @pytest.mark.parametrize('storage', ['float32', 'bfloat16'])
 def test_orbax_round_trip(tmp_path, storage):
     p = _params(apply_b_dec=True)
-    sae.save_sae(str(tmp_path / 'ck'), p, {'layer': 3, 'note': 'x'}, dtype=storage)
-    back = sae.load_sae(str(tmp_path / 'ck'), d_model=D)
+    sae_loading.save_sae(str(tmp_path / 'ck'), p, {'layer': 3, 'note': 'x'}, dtype=storage)
+    back = sae_loading.load_sae(str(tmp_path / 'ck'), d_model=D)
     if storage == 'float32':
         _assert_same(p, back)
     else:
         rounded = {k: np.asarray(jnp.asarray(v, jnp.bfloat16).astype(jnp.float32))
-                   for k, v in sae.to_arrays(p).items()}
-        _assert_same(sae.from_arrays(rounded, where='x', apply_b_dec_to_input=True), back)
+                   for k, v in sae_loading.to_arrays(p).items()}
+        _assert_same(sae_loading.from_arrays(rounded, where='x', apply_b_dec_to_input=True), back)
         assert back.w_enc.dtype == jnp.float32
     meta = json.load(open(tmp_path / 'ck' / 'metadata.json'))
     assert meta['layer'] == 3 and meta['width'] == F and meta['storage_dtype'] == storage
@@ -183,16 +185,16 @@ def test_orbax_round_trip(tmp_path, storage):
 
 def test_export_saelens_round_trip(tmp_path):
     p = _params(apply_b_dec=True)
-    sae.export_saelens(p, str(tmp_path / 'out'), {'layer': 5, 'model_name': 'tiny'})
+    sae_loading.export_saelens(p, str(tmp_path / 'out'), {'layer': 5, 'model_name': 'tiny'})
     cfg = json.load(open(tmp_path / 'out' / 'cfg.json'))
     assert cfg['hook_name'] == 'blocks.5.hook_resid_post' and cfg['d_sae'] == F
-    _assert_same(p, sae.load_sae(str(tmp_path / 'out')))
+    _assert_same(p, sae_loading.load_sae(str(tmp_path / 'out')))
 
 
 def test_d_model_mismatch_names_file_layer_and_shapes(tmp_path):
     npz = _write_npz(str(tmp_path / 'layer_9'), _arrays())
     with pytest.raises(ValueError) as e:
-        sae.load_sae(npz, d_model=64)
+        sae_loading.load_sae(npz, d_model=64)
     msg = str(e.value)
     assert npz in msg and 'layer 9' in msg and '(48, 200)' in msg and '64' in msg
 
@@ -202,7 +204,7 @@ def test_inconsistent_shapes_are_rejected(tmp_path):
     arrays['threshold'] = arrays['threshold'][:-1]
     npz = _write_npz(str(tmp_path), arrays)
     with pytest.raises(ValueError, match=r'threshold has shape \(199,\), expected \(200,\)'):
-        sae.load_sae(npz, layer=4)
+        sae_loading.load_sae(npz, layer=4)
 
 
 def test_missing_key_names_file_and_key(tmp_path):
@@ -210,15 +212,15 @@ def test_missing_key_names_file_and_key(tmp_path):
     del arrays['threshold']
     npz = _write_npz(str(tmp_path), arrays)
     with pytest.raises(KeyError) as e:
-        sae.load_sae(npz)
+        sae_loading.load_sae(npz)
     assert npz in str(e.value) and 'threshold' in str(e.value)
 
 
 def test_unknown_sources(tmp_path):
     with pytest.raises(FileNotFoundError, match='params.npz'):
-        sae.load_sae(str(tmp_path))                     # empty folder
+        sae_loading.load_sae(str(tmp_path))                     # empty folder
     with pytest.raises(FileNotFoundError, match='hub'):
-        sae.load_sae(str(tmp_path / 'nope'))
+        sae_loading.load_sae(str(tmp_path / 'nope'))
 
 
 # ----------------------------------------------------------------------------- hub references
@@ -235,7 +237,7 @@ def test_canonical_table_matches_saelens_entries():
         ('google/gemma-scope-9b-pt-res/layer_20/width_16k/canonical', 68),
         ('google/gemma-scope-9b-pt-res/layer_31/width_16k/canonical', 114),
     ]:
-        repo, path = sae.resolve_hub_ref(ref, list_files=lambda r: pytest.fail('listed repo'))
+        repo, path = sae_loading.resolve_hub_ref(ref, list_files=lambda r: pytest.fail('listed repo'))
         assert path == ref.split('/', 2)[2].replace('canonical', f'average_l0_{want}') + \
             '/params.npz'
         assert repo == '/'.join(ref.split('/')[:2])
@@ -245,18 +247,18 @@ def test_canonical_fallback_picks_l0_closest_to_100():
     files = ['layer_3/width_16k/average_l0_40/params.npz', 'layer_3/width_16k/average_l0_95/'
              'params.npz', 'layer_3/width_16k/average_l0_106/params.npz',
              'layer_30/width_16k/average_l0_100/params.npz', 'README.md']
-    _, path = sae.resolve_hub_ref('someone/saes/layer_3/width_16k/canonical', lambda r: files)
+    _, path = sae_loading.resolve_hub_ref('someone/saes/layer_3/width_16k/canonical', lambda r: files)
     assert path == 'layer_3/width_16k/average_l0_95/params.npz'
-    assert sae.closest_l0([90, 110]) == 90          # ties go to the smaller L0
+    assert sae_loading.closest_l0([90, 110]) == 90          # ties go to the smaller L0
 
 
 def test_explicit_hub_ref_and_offline_error():
     ref = 'google/gemma-scope-2b-pt-res/layer_12/width_16k/average_l0_82'
-    assert sae.resolve_hub_ref(ref) == ('google/gemma-scope-2b-pt-res',
-                                        'layer_12/width_16k/average_l0_82/params.npz')
+    assert sae_loading.resolve_hub_ref(ref) == ('google/gemma-scope-2b-pt-res',
+                                                'layer_12/width_16k/average_l0_82/params.npz')
     # conftest sets HF_HUB_OFFLINE=1 (and this machine has no hub access anyway).
     with pytest.raises(FileNotFoundError, match='params.npz.*path'):
-        sae.load_sae(ref)
+        sae_loading.load_sae(ref)
 
 
 # ----------------------------------------------------------------------------- Gemma Scope 2
@@ -292,7 +294,7 @@ def _encode_error(params, arrays, x) -> float:
     product is far below that, see below) may gate either way, so there either value counts.
     """
     want, pre = _reference(arrays, x)
-    got = np.asarray(sae.encode(params, x), np.float64)
+    got = np.asarray(jumprelu.encode(params, x), np.float64)
     near = np.abs(pre - arrays['threshold']) < 1e-5
     err = np.where(near, np.minimum(np.abs(got), np.abs(got - np.maximum(pre, 0))),
                    np.abs(got - want))
@@ -305,8 +307,8 @@ def _encode_error(params, arrays, x) -> float:
 def test_scope2_folder_encode_parity(tmp_path, d, f, config):
     arrays = _arrays(11, d, f)
     weights = _write_scope2(str(tmp_path / 'layer_7_width_x'), arrays, config)
-    p = sae.load_sae(os.path.dirname(weights), d_model=d)
-    _assert_same(p, sae.load_sae(weights))            # the file itself loads the same
+    p = sae_loading.load_sae(os.path.dirname(weights), d_model=d)
+    _assert_same(p, sae_loading.load_sae(weights))            # the file itself loads the same
     assert (p.d_model, p.width, p.apply_b_dec_to_input) == (d, f, False)
     np.testing.assert_array_equal(np.asarray(p.w_dec), arrays['W_dec'])
     x = np.random.default_rng(2).normal(0, 1, (3, 7, d)).astype(np.float32)
@@ -316,20 +318,20 @@ def test_scope2_folder_encode_parity(tmp_path, d, f, config):
     # observed max 2.8e-6 (d=64) and 1.3e-6 (d=32); 1e-5 leaves a >3x margin.
     assert err < 1e-5
     # b_dec ~ N(0, 0.5) is not subtracted: the formula that does subtract it is far off.
-    assert np.abs(np.asarray(sae.encode(p, x)) - _reference(arrays, x, True)[0]).max() > 0.1
+    assert np.abs(np.asarray(jumprelu.encode(p, x)) - _reference(arrays, x, True)[0]).max() > 0.1
     with pytest.raises(ValueError, match=r'layer 7\).*d_model is %d' % d):
-        sae.load_sae(weights, d_model=d + 1)
+        sae_loading.load_sae(weights, d_model=d + 1)
 
 
 def test_scope2_bfloat16_file_loads_as_float32(tmp_path):
     arrays = _arrays(3)
     weights = _write_scope2(str(tmp_path), arrays, dtype=ml_dtypes.bfloat16)
-    p = sae.load_sae(weights)
+    p = sae_loading.load_sae(weights)
     assert p.w_enc.dtype == jnp.float32
     # bfloat16 -> float32 is exact, so the loaded values are the bf16-rounded ones exactly.
     np.testing.assert_array_equal(np.asarray(p.w_enc),
                                   arrays['W_enc'].astype(ml_dtypes.bfloat16).astype(np.float32))
-    assert sae.peek(str(tmp_path)) == (D, F)
+    assert sae_loading.peek(str(tmp_path)) == (D, F)
 
 
 @pytest.mark.parametrize('bad,match', [
@@ -338,7 +340,7 @@ def test_scope2_bfloat16_file_loads_as_float32(tmp_path):
 ])
 def test_scope2_config_is_checked(tmp_path, bad, match):
     _write_scope2(str(tmp_path), _arrays(), dict(_resid_config(), **bad))
-    for fn in (sae.load_sae, sae.peek):
+    for fn in (sae_loading.load_sae, sae_loading.peek):
         with pytest.raises(ValueError, match=match):
             fn(str(tmp_path))
 
@@ -352,7 +354,7 @@ def test_scope2_config_is_checked(tmp_path, bad, match):
 def test_scope2_bad_tensor_names_file_and_tensor(tmp_path, key, value, match):
     arrays = dict(_arrays(), **{key: value})
     weights = _write_scope2(str(tmp_path), arrays)
-    for fn in (sae.load_sae, sae.peek):               # peek finds it from the header alone
+    for fn in (sae_loading.load_sae, sae_loading.peek):               # peek finds it from the header alone
         with pytest.raises(ValueError, match=match) as e:
             fn(str(tmp_path))
         assert weights in str(e.value) and '\n' not in str(e.value)
@@ -362,13 +364,13 @@ def test_scope2_missing_tensor_and_corrupt_file(tmp_path):
     arrays = _arrays()
     del arrays['b_dec']
     _write_scope2(str(tmp_path / 'a'), arrays)
-    with pytest.raises(sae.MissingTensorError) as e:
-        sae.load_sae(str(tmp_path / 'a'))
+    with pytest.raises(sae_loading.MissingTensorError) as e:
+        sae_loading.load_sae(str(tmp_path / 'a'))
     assert isinstance(e.value, ValueError) and str(e.value).startswith(str(tmp_path / 'a'))
     assert "missing SAE tensor(s) ['b_dec']" in str(e.value)
     os.makedirs(tmp_path / 'b')
     (tmp_path / 'b' / 'params.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{bad')
-    for fn in (sae.load_sae, sae.peek):
+    for fn in (sae_loading.load_sae, sae_loading.peek):
         with pytest.raises(ValueError, match='params.safetensors: not a readable'):
             fn(str(tmp_path / 'b'))
 
@@ -376,7 +378,7 @@ def test_scope2_missing_tensor_and_corrupt_file(tmp_path):
 # ----------------------------------------------------------------------------- non-finite weights
 
 def _write_orbax(folder, arrays):
-    sae.save_sae(folder, sae.from_arrays(_arrays(), where='x'), {'layer': 2})
+    sae_loading.save_sae(folder, sae_loading.from_arrays(_arrays(), where='x'), {'layer': 2})
     # save_sae itself refuses nothing; overwrite its params with the poisoned arrays.
     shutil.rmtree(os.path.join(folder, 'params'))
     checkpoint.save_pytree(os.path.join(folder, 'params'), arrays)
@@ -394,7 +396,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, fmt, key, va
      'orbax': _write_orbax}[fmt](folder, arrays)
     stored = key.lower() if fmt == 'scope2' else key
     with pytest.raises(ValueError, match=f'tensor {stored} has 2 non-finite') as e:
-        sae.load_sae(folder)
+        sae_loading.load_sae(folder)
     assert folder in str(e.value)
 
 
@@ -402,13 +404,13 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, fmt, key, va
 
 def test_scope2_hub_ref_parsing():
     want = (SCOPE2_REPO, f'{SCOPE2_SUB}/params.safetensors')
-    assert sae.resolve_hub_ref(SCOPE2_REF) == want
-    assert sae.resolve_hub_ref(SCOPE2_REF + '/params.safetensors') == want
-    parts = sae.parse_hub_ref('google/gemma-scope-2-270m-it/resid_post_all/'
-                              'layer_17_width_262k_l0_small')
+    assert sae_loading.resolve_hub_ref(SCOPE2_REF) == want
+    assert sae_loading.resolve_hub_ref(SCOPE2_REF + '/params.safetensors') == want
+    parts = sae_loading.parse_hub_ref('google/gemma-scope-2-270m-it/resid_post_all/'
+                                      'layer_17_width_262k_l0_small')
     assert (parts['layer'], parts['width'], parts['l0'], parts['scope']) == (17, '262k', 'small', 2)
     # Only residual-stream sites are references: the pipeline feeds nothing else.
-    assert sae.parse_hub_ref(f'{SCOPE2_REPO}/attn_out/layer_12_width_16k_l0_medium') is None
+    assert sae_loading.parse_hub_ref(f'{SCOPE2_REPO}/attn_out/layer_12_width_16k_l0_medium') is None
 
 
 def test_scope2_hub_ref_downloads_through_hf_hub_download(tmp_path, monkeypatch):
@@ -422,17 +424,17 @@ def test_scope2_hub_ref_downloads_through_hf_hub_download(tmp_path, monkeypatch)
         return weights
 
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', fake_download)
-    p = sae.load_sae(SCOPE2_REF, d_model=D)
+    p = sae_loading.load_sae(SCOPE2_REF, d_model=D)
     assert calls == [(SCOPE2_REPO, f'{SCOPE2_SUB}/params.safetensors')]
-    _assert_same(p, sae.load_sae(weights))
+    _assert_same(p, sae_loading.load_sae(weights))
     with pytest.raises(ValueError, match='layer 12'):
-        sae.load_sae(SCOPE2_REF, d_model=D + 2)
+        sae_loading.load_sae(SCOPE2_REF, d_model=D + 2)
 
 
 def test_scope2_hub_ref_offline_error_is_one_line(monkeypatch):
     # conftest sets HF_HUB_OFFLINE=1: the real hf_hub_download fails without any network.
     with pytest.raises(FileNotFoundError) as e:
-        sae.load_sae(SCOPE2_REF)
+        sae_loading.load_sae(SCOPE2_REF)
     msg = str(e.value)
     assert '\n' not in msg and 'HF_HUB_OFFLINE=1' in msg
     assert f'hf download {SCOPE2_REPO} {SCOPE2_SUB}/params.safetensors' in msg
@@ -443,7 +445,7 @@ def test_scope2_hub_ref_offline_error_is_one_line(monkeypatch):
 
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', unreachable)
     monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_OFFLINE', False)
-    for fn in (sae.load_sae, sae.peek):
+    for fn in (sae_loading.load_sae, sae_loading.peek):
         with pytest.raises(FileNotFoundError, match='OSError: Connection refused while') as e:
             fn(SCOPE2_REF)
         assert '\n' not in str(e.value)
@@ -459,28 +461,28 @@ def _refuse(*args, **kw):
 def test_peek_reads_shapes_without_tensors(tmp_path, monkeypatch, fmt):
     folder = str(tmp_path / fmt)
     if fmt == 'orbax':
-        sae.save_sae(folder, _params(), {'layer': 3})
+        sae_loading.save_sae(folder, _params(), {'layer': 3})
     else:
         {'npz': _write_npz, 'scope2': _write_scope2, 'saelens': _write_saelens}[fmt](
             folder, _arrays())
-    for target, name in ((sae, 'load_file'), (np, 'load'), (checkpoint, 'restore_pytree'),
-                         (sae, 'from_arrays')):
+    for target, name in ((sae_loading, 'load_file'), (np, 'load'), (checkpoint, 'restore_pytree'),
+                         (sae_loading, 'from_arrays')):
         monkeypatch.setattr(target, name, _refuse)
-    assert sae.peek(folder) == (D, F)
-    assert sae.peek(folder, d_model=D) == (D, F)
+    assert sae_loading.peek(folder) == (D, F)
+    assert sae_loading.peek(folder, d_model=D) == (D, F)
     with pytest.raises(ValueError, match='d_model'):
-        sae.peek(folder, d_model=D + 1)
+        sae_loading.peek(folder, d_model=D + 1)
 
 
 def test_peek_missing_sources_raise_like_load_sae(tmp_path):
     for src in (str(tmp_path), str(tmp_path / 'nope')):
         with pytest.raises(FileNotFoundError) as peeked:
-            sae.peek(src)
+            sae_loading.peek(src)
         with pytest.raises(FileNotFoundError) as loaded:
-            sae.load_sae(src)
+            sae_loading.load_sae(src)
         assert str(peeked.value) == str(loaded.value)
     with pytest.raises(FileNotFoundError, match='HF_HUB_OFFLINE=1') as e:
-        sae.peek(SCOPE2_REF)                              # offline and not cached
+        sae_loading.peek(SCOPE2_REF)                              # offline and not cached
     assert '\n' not in str(e.value)
 
 
@@ -489,5 +491,5 @@ def test_peek_hub_ref_uses_the_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, 'try_to_load_from_cache',
                         lambda repo, filename, **kw: weights if repo == SCOPE2_REPO else None)
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', _refuse)
-    monkeypatch.setattr(sae, 'load_file', _refuse)
-    assert sae.peek(SCOPE2_REF) == (D, F)
+    monkeypatch.setattr(sae_loading, 'load_file', _refuse)
+    assert sae_loading.peek(SCOPE2_REF) == (D, F)

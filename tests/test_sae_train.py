@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mosaic_jax import sae
-from mosaic_jax import sae_train as st
+from mosaic_jax.sae import jumprelu
+from mosaic_jax.sae import train as st
 
 
 def sparse_dictionary_problem(n: int, d: int = 32, atoms: int = 64, k: int = 3, seed: int = 0,
@@ -84,7 +84,7 @@ def test_normalisation_is_folded_into_exported_params(normalise):
     codes, recon, _ = st.forward(state.params, jnp.asarray(xn), cfg.bandwidth)
     raw = st.to_sae_params(state)
     np.testing.assert_allclose(np.linalg.norm(raw.w_dec, axis=1), 1.0, rtol=1e-5)  # f32
-    raw_codes = np.asarray(sae.encode(raw, jnp.asarray(x)))
+    raw_codes = np.asarray(jumprelu.encode(raw, jnp.asarray(x)))
     codes = np.asarray(codes)
     assert 0 < float((codes > 0).mean()) < 1  # the check below is not vacuous
     np.testing.assert_array_equal(raw_codes > 0, codes > 0)
@@ -93,7 +93,7 @@ def test_normalisation_is_folded_into_exported_params(normalise):
     # f32 products of O(1e2) raw inputs: relative agreement ~1e-5.
     np.testing.assert_allclose(raw_codes, codes * c, rtol=1e-4, atol=1e-4)
     want = np.asarray(recon) / np.asarray(scale) + np.asarray(shift)
-    np.testing.assert_allclose(sae.decode(raw, raw_codes), want, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(jumprelu.decode(raw, raw_codes), want, rtol=1e-4, atol=1e-3)
 
 
 def test_evaluate_counts_dead_latents_and_variance():
@@ -102,9 +102,9 @@ def test_evaluate_counts_dead_latents_and_variance():
     d = 3
     w_enc = np.zeros((d, 4), np.float32)
     w_enc[0, 0] = w_enc[1, 1] = w_enc[2, 2] = w_enc[0, 3] = 1.0
-    params = sae.SAEParams(w_enc=jnp.asarray(w_enc), b_enc=jnp.zeros(4),
-                           threshold=jnp.array([0.5, 0.5, 0.5, 100.0]),
-                           w_dec=jnp.asarray(w_enc.T), b_dec=jnp.zeros(d))
+    params = jumprelu.SAEParams(w_enc=jnp.asarray(w_enc), b_enc=jnp.zeros(4),
+                                threshold=jnp.array([0.5, 0.5, 0.5, 100.0]),
+                                w_dec=jnp.asarray(w_enc.T), b_dec=jnp.zeros(d))
     x = np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.2], [1.0, 1.0, 1.0]], np.float32)
     got = st.evaluate(params, x, batch_size=2)  # 2 chunks: exercises the accumulation
     # Row 1 loses its 0.2 (below threshold): error 0.04; active latents 1 + 1 + 3.
@@ -263,9 +263,9 @@ def test_spliced_loss_with_identity_and_zero_saes():
 
     # Identity: latents +x_i and -x_i with ~zero thresholds reconstruct x exactly.
     eye = np.concatenate([np.eye(d), -np.eye(d)], 1).astype(np.float32)   # [D, 2D]
-    ident = sae.SAEParams(w_enc=jnp.asarray(eye), b_enc=jnp.zeros(2 * d),
-                          threshold=jnp.full(2 * d, 1e-12), w_dec=jnp.asarray(eye.T),
-                          b_dec=jnp.zeros(d))
+    ident = jumprelu.SAEParams(w_enc=jnp.asarray(eye), b_enc=jnp.zeros(2 * d),
+                               threshold=jnp.full(2 * d, 1e-12), w_dec=jnp.asarray(eye.T),
+                               b_dec=jnp.zeros(d))
     got = st.spliced_loss_increase(model, ident, 0, ids, mask, batch_size=2)  # 2 chunks
     # The spliced pass must match Transformer.__call__ (f32, same ops; tiny drift allowed).
     assert got['clean_loss'] == pytest.approx(clean, rel=1e-5)
@@ -291,8 +291,8 @@ def test_identity_splice_is_exactly_zero_increase(layer, monkeypatch):
     ids = np.random.default_rng(1).integers(1, 64, (3, 6))
     mask = np.ones((3, 6), np.int32)
     mask[1, :3] = 0
-    monkeypatch.setattr(sae, 'encode', lambda params, x: x)
-    monkeypatch.setattr(sae, 'decode', lambda params, codes: codes)
+    monkeypatch.setattr(jumprelu, 'encode', lambda params, x: x)
+    monkeypatch.setattr(jumprelu, 'decode', lambda params, codes: codes)
     got = st.spliced_loss_increase(model, None, layer, ids, mask)
     assert got['loss_increase'] == 0.0 and got['spliced_loss'] == got['clean_loss']
     logits = model.head(model.run_blocks(model.embed(jnp.asarray(ids)),

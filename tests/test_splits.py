@@ -5,7 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mosaic_jax import data, splits
+from mosaic_jax.data import splits
+from mosaic_jax.data import loading as data_loading
 
 
 def _split_of_each_key(s, texts):
@@ -90,7 +91,7 @@ def test_planted_duplicates_never_straddle_splits():
 
 
 def test_real_toxic_is_has_no_test_text_in_train_when_grouped():
-    d = data.load('sae_probes:95_toxic_is', seed=0)
+    d = data_loading.load('sae_probes:95_toxic_is', seed=0)
     grouped = splits.split(d.labels, 0, texts=d.texts, duplicates='group')
     keep = splits.split(d.labels, 0, texts=d.texts, duplicates='keep')
     assert _test_texts_in_train(grouped, d.texts) == 0
@@ -219,8 +220,8 @@ def test_two_row_class_raises_a_clear_error():
 
 
 def _labeled(texts, labels, names):
-    return data.LabeledTexts(texts=list(texts), labels=np.asarray(labels, dtype=np.int64),
-                             label_names=list(names), name='toy', source='test')
+    return data_loading.LabeledTexts(texts=list(texts), labels=np.asarray(labels, dtype=np.int64),
+                                     label_names=list(names), name='toy', source='test')
 
 
 def test_drop_rare_classes_relabels():

@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from mosaic_jax import data
+from mosaic_jax.data import batching
 from mosaic_jax import features
 from mosaic_jax import steps
 from mosaic_jax.variants import SAEKey, Variant
@@ -65,7 +65,7 @@ def _labels_by_length(n=400, seed=0):
 
 def test_epoch_batches_cover_every_row_once_and_mix_classes():
     ids, y = _labels_by_length()
-    share_sorted = [y[b.index[b.valid]].mean() for b in data.batches(ids, 32, pad_id=0)]
+    share_sorted = [y[b.index[b.valid]].mean() for b in batching.batches(ids, 32, pad_id=0)]
     for epoch in (0, 1):
         bs = steps.epoch_batches(ids, 32, seed=0, epoch=epoch, pad_id=0)
         rows = np.concatenate([b.index[b.valid] for b in bs])

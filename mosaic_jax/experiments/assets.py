@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from mosaic_jax import models
-from mosaic_jax import sae as sae_lib
+from mosaic_jax.sae import loading as sae_loading
 from mosaic_jax.checks import UserError
 from mosaic_jax.variants import SAEKey, parse_width
 
@@ -41,7 +41,7 @@ def check_saes(config) -> None:
         src = resolve_sae_source(config.sae.source, key.layer, key.width)
         try:
             expected = parse_width(key.width)
-            _, width = sae_lib.peek(src)
+            _, width = sae_loading.peek(src)
         except (ValueError, FileNotFoundError, OSError) as e:
             raise UserError(f'SAE for layer {key.layer} width {key.width} ({src}): {e}') from e
         if width != expected:
@@ -56,7 +56,7 @@ def load_saes(config, d_model: int) -> dict[SAEKey, Any]:
         src = resolve_sae_source(config.sae.source, key.layer, key.width)
         try:
             expected = parse_width(key.width)
-            params = sae_lib.load_sae(src, d_model=d_model)
+            params = sae_loading.load_sae(src, d_model=d_model)
         except (ValueError, FileNotFoundError, OSError) as e:
             raise UserError(f'SAE for layer {key.layer} width {key.width} ({src}): {e}') from e
         if params.width != expected:

@@ -19,7 +19,8 @@ from absl import logging
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from mosaic_jax import checkpoint, data
+from mosaic_jax import checkpoint
+from mosaic_jax.data import loading as data_loading
 
 SPLIT_NAMES = ('train', 'val', 'test')
 DROPPED = 'dropped'  # `write_split_csv`'s split value for rows that are in no split
@@ -382,9 +383,9 @@ def split(labels: np.ndarray, seed: int, fractions: Sequence[float] = (0.7, 0.1,
 # ---------------------------------------------------------------------------------------
 # Rare classes and the audit file.
 # ---------------------------------------------------------------------------------------
-def drop_rare_classes(ds: data.LabeledTexts, min_count: int, *,
+def drop_rare_classes(ds: data_loading.LabeledTexts, min_count: int, *,
                       duplicates: str | Duplicates = Duplicates.GROUP,
-                      ) -> tuple[data.LabeledTexts, list[str]]:
+                      ) -> tuple[data_loading.LabeledTexts, list[str]]:
     """Removes the rows of classes with fewer than `min_count` units (see
     `class_unit_counts`; `min_class_count(fractions)` is what `split` needs) and
     re-encodes the remaining labels densely as 0..C'-1 in their old order.

@@ -15,22 +15,23 @@ import time
 from absl import logging
 import numpy as np
 
-from mosaic_jax import assets
-from mosaic_jax import baselines
+from mosaic_jax.experiments import assets
+from mosaic_jax.probing import baselines
 from mosaic_jax import checks
-from mosaic_jax import correctness
-from mosaic_jax import data
-from mosaic_jax import evaluation
+from mosaic_jax.experiments import correctness
+from mosaic_jax.data import batching
+from mosaic_jax.data import loading as data_loading
+from mosaic_jax.probing import evaluation
 from mosaic_jax import parallel
-from mosaic_jax import probe
-from mosaic_jax import report
+from mosaic_jax.probing import probe
+from mosaic_jax.report import page as report_page
 from mosaic_jax import results
-from mosaic_jax import selection
-from mosaic_jax import splits as splits_lib
+from mosaic_jax.probing import feature_selection
+from mosaic_jax.data import splits as splits_lib
 from mosaic_jax import steps
-from mosaic_jax import transfer as transfer_lib
+from mosaic_jax.experiments import transfer as transfer_lib
 from mosaic_jax.checks import UserError
-from mosaic_jax.evaluation import ProbeOptions, ProbeResult
+from mosaic_jax.probing.evaluation import ProbeOptions, ProbeResult
 from mosaic_jax.variants import SAEKey, Variant
 
 
@@ -54,8 +55,8 @@ class Context:
     def batches(self, ids, subset=None):
         sel = ids if subset is None else [ids[i] for i in subset]
         m = self.config.model
-        return data.batches(sel, m.batch_size, pad_id=self.tokenizer.pad_token_id,
-                            pad_side=m.pad_side, multiple_of=self.devices.count)
+        return batching.batches(sel, m.batch_size, pad_id=self.tokenizer.pad_token_id,
+                                pad_side=m.pad_side, multiple_of=self.devices.count)
 
     def extract(self, ids, subset=None, progress=True):
         n = len(ids) if subset is None else len(subset)
@@ -68,7 +69,7 @@ class Context:
 @dataclasses.dataclass
 class Prepared:
     """One dataset, loaded, split and tokenised."""
-    ds: data.LabeledTexts
+    ds: data_loading.LabeledTexts
     splits: tuple
     ids: list
     n_truncated: int
@@ -147,14 +148,14 @@ def run(config) -> list[dict]:
         results.write_json(folder, 'timings.json', timings)
         print(f'results: {folder}', flush=True)
         if config.report:
-            print(f'report: {report.build(config.workdir)}', flush=True)
+            print(f'report: {report_page.build(config.workdir)}', flush=True)
     logging.info('timings (s): %s', {k: round(v, 2) for k, v in timings.items()})
     return rows
 
 
 def _report_only(config) -> list[dict]:
     try:
-        path = report.build(config.workdir)
+        path = report_page.build(config.workdir)
     except (ValueError, FileNotFoundError) as e:
         raise UserError(f'report of {config.workdir!r}: {e}') from e
     logging.info('report written to %s', path)
@@ -177,13 +178,13 @@ def dataset_names(config) -> list[str]:
     return names + [config.data.group_name] if config.data.group_parts else names
 
 
-def _read(config, name: str) -> data.LabeledTexts:
+def _read(config, name: str) -> data_loading.LabeledTexts:
     kw = dict(text_field=config.data.text_field, label_field=config.data.label_field,
               max_rows=config.data.max_rows, seed=config.seed)
     if config.data.group_parts and name == config.data.group_name:
         parts = [p.split('=', 1) for p in config.data.group_parts]
-        return data.combine([(g, data.load(spec, **kw)) for g, spec in parts], name)
-    return data.load(name, group_field=config.data.group_field, **kw)
+        return data_loading.combine([(g, data_loading.load(spec, **kw)) for g, spec in parts], name)
+    return data_loading.load(name, group_field=config.data.group_field, **kw)
 
 
 def check_workdir(workdir: str) -> None:
@@ -197,7 +198,7 @@ def check_workdir(workdir: str) -> None:
                         '--config.workdir=DIR') from None
 
 
-def _load(config, name: str) -> data.LabeledTexts:
+def _load(config, name: str) -> data_loading.LabeledTexts:
     """One dataset, rare classes dropped when the config allows it."""
     try:
         ds = _read(config, name)
@@ -218,7 +219,7 @@ def _seeds(config) -> tuple[int, ...]:
     return tuple(int(s) for s in config.seeds) or (int(config.seed),)
 
 
-def _split_or_error(config, ds: data.LabeledTexts, seed: int) -> splits_lib.Split:
+def _split_or_error(config, ds: data_loading.LabeledTexts, seed: int) -> splits_lib.Split:
     try:
         return splits_lib.split(ds.labels, seed=seed, fractions=tuple(config.data.fractions),
                                 texts=ds.texts, duplicates=config.data.duplicates,
@@ -227,7 +228,7 @@ def _split_or_error(config, ds: data.LabeledTexts, seed: int) -> splits_lib.Spli
         raise UserError(f'dataset {ds.name!r}: {e}') from e
 
 
-def _split(ctx: Context, ds: data.LabeledTexts, seed: int, *, write: bool,
+def _split(ctx: Context, ds: data_loading.LabeledTexts, seed: int, *, write: bool,
            tag: str = '') -> splits_lib.Split:
     """The duplicate-safe split, logged and written for audit (splits/<dataset><tag>.csv)."""
     sp = _split_or_error(ctx.config, ds, seed)
@@ -244,14 +245,14 @@ def _split(ctx: Context, ds: data.LabeledTexts, seed: int, *, write: bool,
     return sp
 
 
-def _dataset(ctx: Context, name: str, ds: data.LabeledTexts, timings: dict,
+def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: dict,
              transfer: tuple[list, list]) -> list[dict]:
     """One dataset end to end: extraction once, then split + probes for every seed (result
     JSONs for the first seed); timings gain '<name>/load_tokenize', '/extract', ..."""
     config = ctx.config
     t = time.perf_counter()
     compiled = parallel.compile_seconds()
-    ids, n_trunc = data.tokenize(ds.texts, ctx.tokenizer, config.model.max_length)
+    ids, n_trunc = batching.tokenize(ds.texts, ctx.tokenizer, config.model.max_length)
     if n_trunc:
         logging.info('%s: %d of %d texts truncated to %d tokens', name, n_trunc, len(ids),
                      config.model.max_length)
@@ -390,8 +391,8 @@ def _sparse_probes(ctx: Context, prep: Prepared, x: np.ndarray, v: Variant) -> l
     pc, y, tr = ctx.config.probe, prep.ds.labels, prep.splits[0]
     rows = []
     for k in pc.sparse_k:
-        idx = selection.select_features(x[tr], y[tr], int(k), method=pc.sparse_method,
-                                        num_classes=prep.num_classes)
+        idx = feature_selection.select_features(x[tr], y[tr], int(k), method=pc.sparse_method,
+                                                num_classes=prep.num_classes)
         res = evaluation.fit_variant(v, x[:, idx], y, prep.splits, ctx.opts,
                                      num_classes=prep.num_classes, groups=prep.groups)
         rows.append(_variant_row(prep, 'sparse', v, res, headline=ctx.opts.headline,

@@ -26,9 +26,9 @@ import time
 from absl import logging
 import numpy as np
 
-from mosaic_jax import assets
+from mosaic_jax.experiments import assets
 from mosaic_jax import checkpoint
-from mosaic_jax import data
+from mosaic_jax.data import loading as data_loading
 from mosaic_jax.checks import UserError
 from mosaic_jax.models import generate
 
@@ -76,8 +76,8 @@ def _questions(config) -> tuple[list[str], list[str]]:
     if c.source == BUILTIN_ARITHMETIC:
         return arithmetic_questions(int(c.n), int(config.seed))
     try:
-        ds = data.load(c.source, text_field=c.question_field, label_field=c.answer_field,
-                       max_rows=int(c.n), seed=int(config.seed))
+        ds = data_loading.load(c.source, text_field=c.question_field, label_field=c.answer_field,
+                               max_rows=int(c.n), seed=int(config.seed))
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise UserError(f'correctness.source {c.source!r}: {e}') from e
     return ds.texts, [ds.label_names[k] for k in ds.labels]

@@ -45,7 +45,7 @@ import optax
 from flax import nnx
 
 from mosaic_jax import checkpoint
-from mosaic_jax import sae
+from mosaic_jax.sae import jumprelu as sae_math
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +292,7 @@ def init_state(cfg: TrainConfig, d_model: int, shift: np.ndarray | float,
                       scale=jnp.broadcast_to(jnp.asarray(scale, jnp.float32), (d_model,)))
 
 
-def to_sae_params(state: TrainState) -> sae.SAEParams:
+def to_sae_params(state: TrainState) -> sae_math.SAEParams:
     """The SAE on raw activations, with unit decoder rows (see module docstring)."""
     p = {k: np.asarray(v, np.float64) for k, v in jax.device_get(state.params).items()}
     mu = np.asarray(state.shift, np.float64)                          # [D]
@@ -304,7 +304,7 @@ def to_sae_params(state: TrainState) -> sae.SAEParams:
                   threshold=p['threshold'] * c,
                   w_dec=w_dec / c[:, None],
                   b_dec=p['b_dec'] / a + mu)
-    return sae.SAEParams(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
+    return sae_math.SAEParams(**{k: jnp.asarray(v, jnp.float32) for k, v in arrays.items()})
 
 
 def norm_stats(sample: np.ndarray, cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -406,7 +406,7 @@ def _check_config(folder: str, cfg: TrainConfig, d_model: int) -> None:
 
 def train_sae(activation_source: np.ndarray | Iterable[np.ndarray], d_model: int,
               cfg: TrainConfig, *, checkpoint_dir: str | None = None, log_every: int = 100,
-              stop_at: int | None = None) -> tuple[sae.SAEParams, dict[str, np.ndarray]]:
+              stop_at: int | None = None) -> tuple[sae_math.SAEParams, dict[str, np.ndarray]]:
     """Trains one JumpReLU SAE; resumes from the newest checkpoint in `checkpoint_dir`.
 
     Args:
@@ -487,14 +487,14 @@ def train_sae(activation_source: np.ndarray | Iterable[np.ndarray], d_model: int
 # Evaluation.
 # ---------------------------------------------------------------------------------------
 @jax.jit
-def _eval_chunk(params: sae.SAEParams, x: jax.Array):
+def _eval_chunk(params: sae_math.SAEParams, x: jax.Array):
     """Summed squared error, active count and which latents fired, for x f32[N, D]."""
-    codes = sae.encode(params, x)
-    err = jnp.sum((sae.decode(params, codes) - x) ** 2, -1)
+    codes = sae_math.encode(params, x)
+    err = jnp.sum((sae_math.decode(params, codes) - x) ** 2, -1)
     return err.sum(), (codes > 0).sum(), (codes > 0).any(0)
 
 
-def evaluate(params: sae.SAEParams, acts: np.ndarray, *, batch_size: int = 4096
+def evaluate(params: sae_math.SAEParams, acts: np.ndarray, *, batch_size: int = 4096
              ) -> dict[str, float]:
     """Reconstruction quality of a raw-space SAE on held-out activations.
 
@@ -530,7 +530,7 @@ def _token_ce(logits: jax.Array, input_ids: jax.Array, mask: jax.Array):
     return jnp.sum(nll * pair), jnp.sum(pair)
 
 
-def spliced_loss_increase(model, params: sae.SAEParams, layer: int, input_ids: np.ndarray,
+def spliced_loss_increase(model, params: sae_math.SAEParams, layer: int, input_ids: np.ndarray,
                           attention_mask: np.ndarray, *, batch_size: int = 8
                           ) -> dict[str, float]:
     """Next-token loss increase when block `layer`'s output is replaced by the SAE's
@@ -562,7 +562,7 @@ def spliced_loss_increase(model, params: sae.SAEParams, layer: int, input_ids: n
         info = m.attention_info(mask)
         x = m.run_blocks(m.embed(ids), info, 0, layer + 1)            # [B, L, D]
         x32 = x.astype(jnp.float32)
-        recon = sae.decode(sae_params, sae.encode(sae_params, x32))
+        recon = sae_math.decode(sae_params, sae_math.encode(sae_params, x32))
         keep = (mask.astype(bool) & (info.positions > 0))[..., None]
         spliced = jnp.where(keep, recon, x32).astype(x.dtype)
 

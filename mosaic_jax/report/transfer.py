@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from mosaic_jax import report_plots
+from mosaic_jax.report import plots as report_plots
 
 KINDS = ('sae', 'hidden', 'tfidf')
 

@@ -22,10 +22,10 @@ from absl import logging
 import numpy as np
 
 from mosaic_jax import checkpoint
-from mosaic_jax import evaluation
-from mosaic_jax import probe
-from mosaic_jax import splits as splits_lib
-from mosaic_jax.evaluation import ProbeOptions, ProbeResult
+from mosaic_jax.probing import evaluation
+from mosaic_jax.probing import probe
+from mosaic_jax.data import splits as splits_lib
+from mosaic_jax.probing.evaluation import ProbeOptions, ProbeResult
 
 TRANSFER_FIELDS = ('dataset', 'train_group', 'test_group', 'layer', 'width', 'kind', 'variant',
                    'top_n', 'macro_f1', 'macro_f1_lo', 'macro_f1_hi', 'accuracy', 'n_test',

@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mosaic_jax import data, splits
+from mosaic_jax.data import splits
+from mosaic_jax.data import loading as data_loading
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 # PaliGemma's preprocessor_config.json: mean = std = 0.5 per channel, rescale 1/255, bicubic.
@@ -164,7 +165,7 @@ def load_folder(folder: str, name: str | None = None) -> LabeledImages:
                              f'({", ".join(IMAGE_SUFFIXES)})')
         paths += [os.path.join(folder, c, f) for f in files]
         values += [c] * len(files)
-    labels, names = data.encode_labels(values, name=name)
+    labels, names = data_loading.encode_labels(values, name=name)
     blobs = [_read(p, f'dataset {name!r}') for p in paths]
     return LabeledImages(images=blobs, sources=paths, labels=labels, label_names=names,
                          name=name, source=folder)
@@ -201,7 +202,7 @@ def load_table(path: str, image_column: str = 'image', label_column: str = 'labe
                              f'{label_column!r}; fill or delete the row')
         paths.append(p if os.path.isabs(p) else os.path.join(base, p))
         values.append(y)
-    labels, names = data.encode_labels(values, name=name)
+    labels, names = data_loading.encode_labels(values, name=name)
     blobs = [_read(p, f'image table {path!r}, row {i + 2}') for i, p in enumerate(paths)]
     texts = None if not text_column else [str(t) for t in frame[text_column]]
     return LabeledImages(images=blobs, sources=paths, labels=labels, label_names=names,
@@ -239,8 +240,8 @@ def load_hub(location: str, split: str = 'train', image_column: str | None = Non
     class_names = getattr(feature, 'names', None)
     ds = ds.cast_column(image_column, datasets.Image(decode=False))
     blobs = [_hub_bytes(r, f'hub:{name}[{i}]') for i, r in enumerate(ds[image_column])]
-    labels, names = data.encode_labels(list(ds[label_column]), name=name,
-                                       class_names=class_names)
+    labels, names = data_loading.encode_labels(list(ds[label_column]), name=name,
+                                               class_names=class_names)
     texts = None if not text_column else [str(t) for t in ds[text_column]]
     return LabeledImages(images=blobs, sources=[f'hub:{name}[{i}]' for i in range(len(blobs))],
                          labels=labels, label_names=names, name=name, source=location,

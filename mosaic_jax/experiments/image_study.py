@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mosaic_jax import features, images, sae
+from mosaic_jax import features
+from mosaic_jax.data import images
+from mosaic_jax.sae import jumprelu
 from mosaic_jax.models import paligemma
 
 
@@ -76,7 +78,7 @@ def batches(model: paligemma.PaliGemma, tokenizer, ds: images.LabeledImages, spe
 
 
 def extract(model: paligemma.PaliGemma, tokenizer, ds: images.LabeledImages, spec: ReadSpec,
-            saes: Mapping[int, sae.SAEParams]) -> dict[tuple[str, int, str], np.ndarray]:
+            saes: Mapping[int, jumprelu.SAEParams]) -> dict[tuple[str, int, str], np.ndarray]:
     """Pooled features of every image.
 
     Args:
@@ -93,7 +95,7 @@ def extract(model: paligemma.PaliGemma, tokenizer, ds: images.LabeledImages, spe
         for j, layer in enumerate(spec.layers):
             acts = {'hidden': res[j]}
             if layer in sae_params:
-                acts['sae'] = sae.encode(sae_params[layer], res[j])
+                acts['sae'] = jumprelu.encode(sae_params[layer], res[j])
             for kind, a in acts.items():
                 for mode in spec.poolings:
                     out[(kind, layer, mode)] = features.pool(a, mask, mode)

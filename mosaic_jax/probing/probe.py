@@ -27,7 +27,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from mosaic_jax import metrics
+from mosaic_jax.probing import metrics
 
 SOLVERS = ('lbfgs', 'adam')
 

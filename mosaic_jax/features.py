@@ -35,11 +35,10 @@ indices that carry no signal). Activations are not rounded to float16.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # MOSAIC's default binarization threshold (src/classifiers.py::binarize_features).
 DEFAULT_THRESHOLD = 1.0
@@ -141,18 +140,3 @@ def pool(acts: jax.Array, mask: jax.Array, mode: str, *, top_n: int = 0) -> jax.
 def binarize(x: jax.Array, threshold: float = DEFAULT_THRESHOLD) -> jax.Array:
     """f32 (x > threshold), MOSAIC's binarization; usable after any pooling."""
     return (jnp.asarray(x) > threshold).astype(jnp.float32)
-
-
-def pool_batches(batches: Iterable[tuple[np.ndarray, np.ndarray]], mode: str, *,
-                 top_n: int = 0) -> np.ndarray:
-    """Pools (acts [b, T_i, W], mask [b, T_i]) batches one at a time and stacks the rows.
-
-    Batches may have different T (padding lengths); the result equals pooling everything at
-    once because rows never interact.
-    """
-    check_mode(mode, top_n)
-    fn = jax.jit(lambda a, m: pool(a, m, mode, top_n=top_n))
-    out = [np.asarray(fn(a, m)) for a, m in batches]
-    if not out:
-        raise ValueError('pool_batches got no batches')
-    return np.concatenate(out, axis=0)

@@ -62,27 +62,48 @@ class Mode(str, enum.Enum):
     SINGLE = 'single'
 
 
-def configure_process(config) -> None:
-    """The process-wide settings of a run, set once here: joins a multi-host job when
-    `config.parallel.distributed` (idempotent), turns on the persistent compilation cache
-    (`config.compile_cache`) and sets the default matmul precision."""
-    init_distributed(config.parallel)
-    set_compile_cache(config.compile_cache)
-    if config.model.matmul_precision != 'default':
-        jax.config.update('jax_default_matmul_precision', config.model.matmul_precision)
+@dataclasses.dataclass(frozen=True)
+class ProcessOptions:
+    """The process-wide settings of a run (config.parallel, compile_cache, matmul precision)."""
+    distributed: bool = False
+    cpu_collectives: str = ''
+    coordinator_address: str = ''
+    num_processes: int = 0
+    process_id: int = -1
+    compile_cache: str = ''
+    matmul_precision: str = 'default'
+
+    @classmethod
+    def from_config(cls, config) -> 'ProcessOptions':
+        p = config.parallel
+        return cls(distributed=bool(p.distributed), cpu_collectives=p.cpu_collectives or '',
+                   coordinator_address=p.coordinator_address or '',
+                   num_processes=int(p.num_processes), process_id=int(p.process_id),
+                   compile_cache=config.compile_cache or '',
+                   matmul_precision=config.model.matmul_precision)
 
 
-def init_distributed(parallel) -> None:
-    """Joins a multi-host job (jax.distributed) when the config asks for it; idempotent."""
+def configure_process(opts: ProcessOptions) -> None:
+    """Sets a run's process-wide settings once: joins a multi-host job when
+    `opts.distributed` (idempotent), turns on the persistent compilation cache and sets the
+    default matmul precision."""
+    init_distributed(opts)
+    set_compile_cache(opts.compile_cache)
+    if opts.matmul_precision != 'default':
+        jax.config.update('jax_default_matmul_precision', opts.matmul_precision)
+
+
+def init_distributed(opts: ProcessOptions) -> None:
+    """Joins a multi-host job (jax.distributed) when `opts.distributed`; idempotent."""
     global _DISTRIBUTED_READY
-    if not parallel.distributed or _DISTRIBUTED_READY:
+    if not opts.distributed or _DISTRIBUTED_READY:
         return
-    if parallel.cpu_collectives:
-        jax.config.update('jax_cpu_collectives_implementation', parallel.cpu_collectives)
+    if opts.cpu_collectives:
+        jax.config.update('jax_cpu_collectives_implementation', opts.cpu_collectives)
     kwargs = {}
-    if parallel.coordinator_address:  # TPU VMs find the coordinator themselves
-        kwargs = dict(coordinator_address=parallel.coordinator_address,
-                      num_processes=parallel.num_processes, process_id=parallel.process_id)
+    if opts.coordinator_address:  # TPU VMs find the coordinator themselves
+        kwargs = dict(coordinator_address=opts.coordinator_address,
+                      num_processes=opts.num_processes, process_id=opts.process_id)
     jax.distributed.initialize(**kwargs)
     _DISTRIBUTED_READY = True
     logging.info('process %d of %d, local devices %s', jax.process_index(),

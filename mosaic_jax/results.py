@@ -136,23 +136,49 @@ def tree_block(tree, y_true: np.ndarray, y_pred: np.ndarray, class_names: list,
         class_names=[str(c) for c in class_names])
 
 
-def metadata(config, *, dataset: str, layer: int, width: str, hidden: bool,
+@dataclasses.dataclass(frozen=True)
+class RunMeta:
+    """What the `metadata` block of every result JSON records about the run: read from the
+    config once (`from_config`), so writing results never sees the config itself."""
+    model_path: str
+    layers: tuple[int, ...]
+    top_n: tuple[int, ...]
+    Cs: tuple[float, ...]
+    layer_convention: str
+    fractions: tuple[float, ...]
+    seed: int
+    cv_folds: int
+    binarize_threshold: float
+    config: dict = dataclasses.field(default_factory=dict)  # the resolved config, verbatim
+
+    @classmethod
+    def from_config(cls, config) -> 'RunMeta':
+        return cls(model_path=config.model.path, layers=tuple(int(l) for l in config.layers),
+                   top_n=tuple(int(n) for n in config.features.top_n),
+                   Cs=tuple(float(c) for c in config.probe.Cs),
+                   layer_convention=config.model.layer_convention,
+                   fractions=tuple(float(f) for f in config.data.fractions),
+                   seed=int(config.seed), cv_folds=int(config.cv_folds),
+                   binarize_threshold=float(config.features.threshold),
+                   config=config.to_dict())
+
+
+def metadata(run: RunMeta, *, dataset: str, layer: int, width: str, hidden: bool,
              class_names: list, extra: dict) -> dict:
     """MOSAIC's `metadata` block, with the resolved config and our fields added."""
-    frac = tuple(config.data.fractions)
+    frac = run.fractions
     return dict(
-        model=dict(name=config.model.path, layer=layer, type='llm'),
+        model=dict(name=run.model_path, layer=layer, type='llm'),
         dataset=dict(name=dataset, hidden=hidden),
-        training=dict(test_size=frac[2], val_size=frac[1], random_state=config.seed,
-                      cv_folds=config.cv_folds),
-        args=dict(model_name=config.model.path, layer=','.join(map(str, config.layers)),
-                  width=width, dataset_name=dataset, top_n=list(config.features.top_n),
-                  linear_c_values=list(config.probe.Cs),
-                  layer_convention=config.model.layer_convention),
+        training=dict(test_size=frac[2], val_size=frac[1], random_state=run.seed,
+                      cv_folds=run.cv_folds),
+        args=dict(model_name=run.model_path, layer=','.join(map(str, run.layers)),
+                  width=width, dataset_name=dataset, top_n=list(run.top_n),
+                  linear_c_values=list(run.Cs), layer_convention=run.layer_convention),
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(),
         class_names=[str(c) for c in class_names],
-        mosaic_jax=dict(config=config.to_dict(), versions=package_versions(),
-                        seed=config.seed, **extra))
+        mosaic_jax=dict(config=run.config, versions=package_versions(), seed=run.seed,
+                        **extra))
 
 
 def write_json(folder: str, name: str, obj: dict) -> str:
@@ -280,8 +306,8 @@ def format_table(rows: list[dict], metric_names=SUMMARY_METRICS) -> str:
 @dataclasses.dataclass
 class VariantFiles:
     """What the two per-SAE result files of one dataset hold (see write_variant_files)."""
-    config: Any
-    ds: Any                    # data.LabeledTexts
+    run: RunMeta
+    ds: Any                    # data.loading.LabeledTexts
     key: Any                   # variants.SAEKey
     y_test: np.ndarray
     best: Any                  # evaluation.ProbeResult of the chosen variant
@@ -301,10 +327,10 @@ def _sae_json(f: VariantFiles) -> dict:
     v = f.best.key
     names = f.ds.label_names
     extra = dict(best_variant=v.full_name, variant=v.name, C=f.best.C, pooling=v.pooling,
-                 binarized=v.binarized, binarize_threshold=f.config.features.threshold,
+                 binarized=v.binarized, binarize_threshold=f.run.binarize_threshold,
                  top_n=v.top_n, probe_seconds=f.best.seconds, **f.meta)
     out = dict(
-        metadata=metadata(f.config, dataset=f.ds.name, layer=f.key.layer, width=f.key.width,
+        metadata=metadata(f.run, dataset=f.ds.name, layer=f.key.layer, width=f.key.width,
                           hidden=False, class_names=names, extra=extra),
         models=dict(linearProbe=linear_probe_block(f.y_test, f.best.test_proba, names,
                                                    _coef(f.best.params), cv=f.cv.get('sae'))),
@@ -333,7 +359,7 @@ def _hidden_json(f: VariantFiles) -> dict:
     main = f.hidden.get('last') or next(iter(f.hidden.values()))
     names = f.ds.label_names
     out = dict(
-        metadata=metadata(f.config, dataset=f.ds.name, layer=f.key.layer, width=f.key.width,
+        metadata=metadata(f.run, dataset=f.ds.name, layer=f.key.layer, width=f.key.width,
                           hidden=True, class_names=names,
                           extra=dict(C=main.C, pooling=main.key.pooling, **f.meta)),
         models=dict(linearProbe=linear_probe_block(f.y_test, main.test_proba, names,

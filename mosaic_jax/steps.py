@@ -237,31 +237,6 @@ def batch_targets(b: batching.Batch, labels: np.ndarray, class_weight: np.ndarra
     return idx, lab, w, valid
 
 
-def train_cached_minibatch(x: np.ndarray, labels: np.ndarray, class_weight: np.ndarray,
-                           batches_fn: Callable[[int], Iterable[batching.Batch]], *, epochs: int,
-                           lr: float, C: float, num_classes: int):
-    """The cached twin of fused training: the same step on stored features, fed in the
-    same batch order (batching.Batch.index selects rows), for checking the two agree.
-
-    Args:
-      x: [N, F] pooled features; labels: int[N]; class_weight: float[C].
-      batches_fn: epoch -> batches over the N rows.
-    Returns:
-      probe parameters.
-    """
-    tx = optax.adam(lr)
-    params = probe.init_params(x.shape[1], num_classes)
-    opt_state = tx.init(params)
-    step = jax.jit(probe.make_train_step(tx, C=C, num_classes=num_classes,
-                                         n_train=len(labels)))
-    for epoch in range(epochs):
-        for b in batches_fn(epoch):
-            idx, lab, w, valid = batch_targets(b, labels, class_weight)
-            params, opt_state, _ = step(params, opt_state, np.asarray(x[idx], np.float32),
-                                        lab, w, valid)
-    return params
-
-
 def make_fused_step(graphdef, spec: FeatureSpec, variant: Variant,
                     tx: optax.GradientTransformation, *, C: float, n_train: int,
                     num_classes: int, axis_name: str | None):

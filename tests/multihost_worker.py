@@ -37,7 +37,7 @@ def main(model_dir, folder, out, port, pid):
         c.parallel.coordinator_address = f'127.0.0.1:{port}'
         c.parallel.num_processes = 2
         c.parallel.process_id = pid
-    parallel.init_distributed(c.parallel)
+    parallel.init_distributed(parallel.ProcessOptions.from_config(c))
     assert jax.device_count() == (4 if pid >= 0 else 1), jax.devices()
 
     model, tok = assets.load_model(c)

@@ -5,8 +5,6 @@ import warnings
 import numpy as np
 import pytest
 from sklearn import metrics as skm
-from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold
 
 from mosaic_jax.probing import metrics
 
@@ -83,32 +81,6 @@ def test_confusion_matches_sklearn_with_absent_class():
     np.testing.assert_array_equal(
         got, skm.confusion_matrix(y_true, y_pred, labels=np.arange(4)))
 
-
-def test_cross_validate_scores_the_given_folds():
-    r = np.random.default_rng(0)
-    x = r.normal(size=(200, 5))
-    y = (x[:, 0] + 0.5 * r.normal(size=200) > 0).astype(np.int64)
-
-    def fit_fn(x_tr, y_tr):
-        return LogisticRegression(C=1.0).fit(x_tr, y_tr).predict_proba
-
-    folds = list(StratifiedKFold(4, shuffle=True, random_state=3).split(x, y))
-    got = metrics.cross_validate(fit_fn, x, y, folds, names=['macro_f1', 'roc_auc'])
-    want = {'macro_f1': [], 'roc_auc': []}
-    for tr, te in folds:
-        p = fit_fn(x[tr], y[tr])(x[te])
-        want['macro_f1'].append(skm.f1_score(y[te], p.argmax(-1), average='macro'))
-        want['roc_auc'].append(skm.roc_auc_score(y[te], p[:, 1]))
-    for k, v in want.items():
-        np.testing.assert_allclose(got[k]['folds'], v, rtol=1e-12)  # same folds, same fits
-        assert got[k]['mean'] == pytest.approx(np.mean(v), rel=1e-12)
-        assert got[k]['std'] == pytest.approx(np.std(v), rel=1e-12)
-    assert got['roc_auc']['mean'] > 0.8  # the folds really trained something
-
-
-# ----------------------------------------------------------------------------------------
-# One macro-F1 definition
-# ----------------------------------------------------------------------------------------
 
 def _absent_class_task():
     """4 classes; class 3 is neither in y_true nor predicted, class 2 only predicted."""

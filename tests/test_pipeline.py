@@ -15,6 +15,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mosaic_jax.data import batching
@@ -196,12 +197,28 @@ def _fused_setup(loaded, mode):
     return ds_labels, key, trainer, batches_fn
 
 
+def _train_cached(x, labels, class_weight, batches_fn, *, epochs, lr, C, num_classes):
+    """The reference for fused training: the same probe step on stored features, fed in the
+    same batch order (batching.Batch.index selects rows)."""
+    tx = optax.adam(lr)
+    params = probe.init_params(x.shape[1], num_classes)
+    opt_state = tx.init(params)
+    step = jax.jit(probe.make_train_step(tx, C=C, num_classes=num_classes,
+                                         n_train=len(labels)))
+    for epoch in range(epochs):
+        for b in batches_fn(epoch):
+            idx, lab, w, valid = steps.batch_targets(b, labels, class_weight)
+            params, opt_state, _ = step(params, opt_state, np.asarray(x[idx], np.float32),
+                                        lab, w, valid)
+    return params
+
+
 def test_fused_equals_cached_and_devices_agree(loaded):
     labels, key, _, batches_fn = _fused_setup(loaded, 'single')
     weights = probe.class_weights(labels, 2)
     feats = _extract(loaded, 'single')
-    cached = steps.train_cached_minibatch(feats[key], labels, weights, batches_fn,
-                                          epochs=2, lr=1e-2, C=1.0, num_classes=2)
+    cached = _train_cached(feats[key], labels, weights, batches_fn, epochs=2, lr=1e-2, C=1.0,
+                           num_classes=2)
     preds = {}
     for mode in ('single', 'pmap', 'mesh'):
         _, _, trainer, _ = _fused_setup(loaded, mode)

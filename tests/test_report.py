@@ -107,6 +107,7 @@ def write_run(workdir, spec, run_id, *, layers=LAYERS, datasets=DATASETS, widths
     """
     widths = widths or spec['widths']
     config = _config(spec, layers, datasets)
+    run_meta = results.RunMeta.from_config(config)
     rows, rng = [], np.random.default_rng(0)
     for ds in datasets:
         names = CLASSES[ds]
@@ -143,7 +144,7 @@ def write_run(workdir, spec, run_id, *, layers=LAYERS, datasets=DATASETS, widths
                                      macro_f1=0.5 + 0.01 * layer, accuracy=0.5, roc_auc=0.5))
                 folder = results.run_dir(workdir, spec['model'], ds, layer, width, run_id)
                 best = max(json_variants, key=lambda k: json_variants[k]['val']['macro_f1'])
-                meta = results.metadata(config, dataset=ds, layer=layer, width=width,
+                meta = results.metadata(run_meta, dataset=ds, layer=layer, width=width,
                                         hidden=False, class_names=names,
                                         extra=dict(best_variant=f'layer_{layer}/{width}/{best}'))
                 probe = results.linear_probe_block(y, proba, names,
@@ -151,7 +152,7 @@ def write_run(workdir, spec, run_id, *, layers=LAYERS, datasets=DATASETS, widths
                 results.write_json(folder, 'sae_classifier_results.json', dict(
                     metadata=meta, models=dict(linearProbe=probe), variants=json_variants))
                 if hidden:
-                    meta = results.metadata(config, dataset=ds, layer=layer, width=width,
+                    meta = results.metadata(run_meta, dataset=ds, layer=layer, width=width,
                                             hidden=True, class_names=names, extra={})
                     results.write_json(folder, 'hidden_classifier_results.json', dict(
                         metadata=meta, models=dict(linearProbe=probe), variants=hidden))
@@ -292,8 +293,7 @@ def test_top_features_binary_signs_and_multiclass():
     ('google/gemma-2-2b', 'gemma-scope-2b-pt-res-canonical', None),
 ])
 def test_neuronpedia_model_id(path, source, want):
-    assert report_read.neuronpedia_model_id(dict(model=dict(path=path),
-                                                 sae=dict(source=source))) == want
+    assert report_read.neuronpedia_model_id(path, source) == want
 
 
 def test_fused_only_run(tmp_path):

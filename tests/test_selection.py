@@ -173,23 +173,6 @@ def test_take_features_checks_indices():
         feature_selection.take_features(x, [0.5])
 
 
-def test_sparse_fit_passes_the_subset_to_any_fit_fn():
-    x, y = _planted_binary(9)
-    seen = {}
-
-    def fit_fn(xs, ys):
-        seen['x'], seen['y'] = xs, ys
-        return 'model'
-
-    idx, model = feature_selection.sparse_fit(x, y, 3, fit_fn, num_classes=2)
-    assert model == 'model' and seen['y'] is y
-    np.testing.assert_array_equal(seen['x'], x[:, idx])
-    idx_l1, _ = feature_selection.sparse_fit(x, y, 3, fit_fn, method='l1')
-    assert sorted(idx_l1.tolist()) == list(PLANTED)
-    with pytest.raises(ValueError, match='callable'):
-        feature_selection.sparse_fit(x, y, 3, None)
-
-
 def _macro_f1(params, x, y):
     pred = np.asarray(jnp.argmax(probe.predict_proba(params, jnp.asarray(x)), -1))
     return f1_score(y, pred, average='macro')
@@ -199,7 +182,8 @@ def test_end_to_end_three_feature_probe():
     x, y = _planted_binary(10, n=1200)
     x_tr, y_tr, x_te, y_te = x[:600], y[:600], x[600:], y[600:]
     fit_fn = functools.partial(probe.fit, num_classes=2, C=1.0, standardize=True)
-    idx, params = feature_selection.sparse_fit(x_tr, y_tr, 3, fit_fn, num_classes=2)
+    idx = feature_selection.select_features(x_tr, y_tr, 3, num_classes=2)
+    params = fit_fn(feature_selection.take_features(x_tr, idx), y_tr)
     assert sorted(idx.tolist()) == list(PLANTED)
     f1_sparse = _macro_f1(params, feature_selection.take_features(x_te, idx), y_te)
     # A random 3-feature subset of the uninformative features.

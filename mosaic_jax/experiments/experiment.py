@@ -46,6 +46,7 @@ class Context:
     devices: parallel.Devices
     extractor: steps.Extractor
     opts: ProbeOptions
+    meta: results.RunMeta
     run_id: str
     writer: bool
     # Result writes of this run, done only after every dataset succeeded (a failed run
@@ -103,7 +104,8 @@ def _context(config, timings: dict) -> Context:
     spec = feature_spec(config, saes)
     return Context(config, model, tokenizer, saes, spec, devices,
                    steps.Extractor(model, saes, spec, devices),
-                   ProbeOptions.from_config(config), run_id, parallel.is_writer())
+                   ProbeOptions.from_config(config), results.RunMeta.from_config(config),
+                   run_id, parallel.is_writer())
 
 
 def run(config) -> list[dict]:
@@ -113,7 +115,7 @@ def run(config) -> list[dict]:
         return _report_only(config)
     if config.mode == 'label_correctness':
         check_workdir(config.workdir)
-        parallel.configure_process(config)
+        parallel.configure_process(parallel.ProcessOptions.from_config(config))
         run_id = parallel.sync_run_id(config.run_id or results.new_run_id())
         correctness.label(config, run_folder(config, run_id))
         return []
@@ -125,7 +127,7 @@ def run(config) -> list[dict]:
     for ds in datasets.values():  # rare classes, empty splits: input-only problems
         for seed in _seeds(config):
             _split_or_error(config, ds, seed)
-    parallel.configure_process(config)
+    parallel.configure_process(parallel.ProcessOptions.from_config(config))
     timings: dict[str, float] = {'load_datasets': time.perf_counter() - t0}
     ctx = _context(config, timings)
     rows: list[dict] = []
@@ -379,7 +381,7 @@ def _sae_probes(ctx: Context, prep: Prepared, feats, key: SAEKey, hidden: dict,
     if ctx.writer:
         folder = results.run_dir(ctx.config.workdir, ctx.config.model.name, prep.ds.name,
                                  key.layer, key.width, ctx.run_id)
-        files = results.VariantFiles(config=ctx.config, ds=prep.ds, key=key, y_test=y[te],
+        files = results.VariantFiles(run=ctx.meta, ds=prep.ds, key=key, y_test=y[te],
                                      best=best, fitted=fitted, tree=tree, hidden=hidden,
                                      cv=_cv(ctx, prep, feats, best, hidden), meta=meta)
         ctx.pending.append(functools.partial(results.write_variant_files, folder, files))

@@ -1,10 +1,10 @@
 """Non-SAE baselines chosen by name: TF-IDF bag of words and a shallow decision tree.
 
-Every baseline is `fn(x_train, y_train, x_test, x_val=None, *, num_classes=None, seed=0,
-**options) -> dict` with 'proba' f32[N_test, C], 'proba_val' f32[N_val, C] (when x_val is
-given) and 'model' (the fitted scikit-learn object). The hidden-state probes (MOSAIC's
-last-token and mean-pooled baselines) are not here: the feature step pools hidden states and
-fits them with `probe.py`, like the SAE features.
+Every baseline is `fn(x_train, y_train, *, num_classes=None, seed=0, **options) -> model`
+(the fitted scikit-learn object); `predict_proba(model, x, num_classes)` scores any rows.
+Choosing options and scoring splits is `evaluation`'s job. The hidden-state probes
+(MOSAIC's last-token and mean-pooled baselines) are not here: the feature step pools hidden
+states and fits them with `probe`, like the SAE features.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from absl import logging
 import numpy as np
 
-BASELINES: dict[str, Callable[..., dict[str, Any]]] = {}
+BASELINES: dict[str, Callable[..., Any]] = {}
 
 
 def register(name: str):
@@ -23,15 +23,15 @@ def register(name: str):
     return deco
 
 
-def get(name: str) -> Callable[..., dict[str, Any]]:
+def get(name: str) -> Callable[..., Any]:
     if name not in BASELINES:
         raise ValueError(f'unknown baseline {name!r}; valid: {sorted(BASELINES)}')
     return BASELINES[name]
 
 
-def run(name: str, x_train, y_train, x_test, x_val=None, **options) -> dict[str, Any]:
-    """Fits baseline `name` on the training split and scores test (and val)."""
-    return get(name)(x_train, y_train, x_test, x_val, **options)
+def fit(name: str, x_train, y_train, **options) -> Any:
+    """Baseline `name` fitted on the training rows: the scikit-learn model."""
+    return get(name)(x_train, y_train, **options)
 
 
 def predict_proba(model, x, num_classes: int) -> np.ndarray:
@@ -39,13 +39,6 @@ def predict_proba(model, x, num_classes: int) -> np.ndarray:
     p = model.predict_proba(x)
     out = np.zeros((p.shape[0], num_classes), dtype=np.float32)
     out[:, np.asarray(model.classes_, dtype=np.int64)] = p
-    return out
-
-
-def _outputs(model, x_test, x_val, num_classes: int) -> dict[str, Any]:
-    out = {'model': model, 'proba': predict_proba(model, x_test, num_classes)}
-    if x_val is not None:
-        out['proba_val'] = predict_proba(model, x_val, num_classes)
     return out
 
 
@@ -61,19 +54,17 @@ def _labels(y_train, num_classes: int | None) -> tuple[np.ndarray, int]:
 
 
 @register('tfidf')
-def tfidf(x_train: Sequence[str], y_train, x_test: Sequence[str],
-          x_val: Sequence[str] | None = None, *, num_classes: int | None = None, seed: int = 0,
+def tfidf(x_train: Sequence[str], y_train, *, num_classes: int | None = None, seed: int = 0,
           ngram_range: tuple[int, int] = (1, 2), max_features: int = 20_000,
-          stop_words: str | None = 'english', C: float = 1.0, max_iter: int = 1000,
-          ) -> dict[str, Any]:
-    """TF-IDF of word uni+bigrams -> class-balanced logistic regression.
+          stop_words: str | None = 'english', C: float = 1.0, max_iter: int = 1000) -> Any:
+    """TF-IDF of word uni+bigrams -> class-balanced logistic regression (a Pipeline).
 
-    x_*: lists of texts; y_train: int[N_train] in 0..C-1.
+    x_train: list of texts; y_train: int[N_train] in 0..C-1.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
-    y, c = _labels(y_train, num_classes)
+    y, _ = _labels(y_train, num_classes)
 
     def build(**vectorizer):
         return make_pipeline(
@@ -93,36 +84,23 @@ def tfidf(x_train: Sequence[str], y_train, x_test: Sequence[str],
                         'tokens of any length', stop_words)
         model = build(stop_words=None, token_pattern=r'(?u)\b\w+\b')
         model.fit(list(x_train), y)
-    return _outputs(model, list(x_test), None if x_val is None else list(x_val), c)
+    return model
 
 
 @register('decision_tree')
-def decision_tree(x_train, y_train, x_test, x_val=None, *, num_classes: int | None = None,
-                  seed: int = 0, max_depth: int = 5, min_samples_leaf: int = 1, top_k: int = 20,
-                  feature_names: Sequence[str] | None = None) -> dict[str, Any]:
+def decision_tree(x_train, y_train, *, num_classes: int | None = None, seed: int = 0,
+                  max_depth: int = 5, min_samples_leaf: int = 1) -> Any:
     """Class-balanced decision tree on feature matrices (depth 5 by default; the experiment
-    chooses depth and leaf size on validation, see evaluation.fit_tree).
+    chooses depth and leaf size on validation, see evaluation.fit_tree). Its few splits make
+    it the readable baseline MOSAIC reports (`results.tree_block` lists its top features).
 
-    x_*: f32[N, F] (e.g. pooled SAE features); y_train: int[N_train] in 0..C-1.
-    Adds 'top_features': up to `top_k` dicts {'index', 'importance', 'name'} of the
-    features with non-zero importance, most important first; the tree's few splits make
-    it the readable baseline MOSAIC reports for interpretability.
+    x_train: f32[N, F] (e.g. pooled SAE features); y_train: int[N_train] in 0..C-1.
     """
     from sklearn.tree import DecisionTreeClassifier
-    y, c = _labels(y_train, num_classes)
+    y, _ = _labels(y_train, num_classes)
     x_train = np.asarray(x_train)
     if x_train.ndim != 2 or x_train.shape[0] != len(y):
         raise ValueError(f'x_train must be [N, F] with N={len(y)} rows, got {x_train.shape}')
-    if feature_names is not None and len(feature_names) != x_train.shape[1]:
-        raise ValueError(f'{len(feature_names)} feature_names for {x_train.shape[1]} features')
     model = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf,
                                    class_weight='balanced', random_state=seed)
-    model.fit(x_train, y)
-    out = _outputs(model, np.asarray(x_test), None if x_val is None else np.asarray(x_val), c)
-    importance = model.feature_importances_
-    order = np.argsort(-importance, kind='stable')[:top_k]
-    out['top_features'] = [
-        {'index': int(i), 'importance': float(importance[i]),
-         'name': str(feature_names[i]) if feature_names is not None else str(int(i))}
-        for i in order if importance[i] > 0]
-    return out
+    return model.fit(x_train, y)

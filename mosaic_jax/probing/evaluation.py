@@ -189,8 +189,8 @@ def fit_tfidf(texts: Sequence[str], y: np.ndarray, splits, opts: ProbeOptions, *
         Cs = opts.Cs if only is None else (opts.Cs[only],)
         out = []
         for C in Cs:
-            m = baselines.run('tfidf', [texts[i] for i in rows], y[rows], [texts[0]],
-                              num_classes=num_classes, seed=opts.seed, C=C)['model']
+            m = baselines.fit('tfidf', [texts[i] for i in rows], y[rows],
+                              num_classes=num_classes, seed=opts.seed, C=C)
             out.append((m, lambda r, m=m: baselines.predict_proba(
                 m, [texts[i] for i in r], num_classes)))
         return out
@@ -210,9 +210,8 @@ def fit_tree(key, x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *,
         grid = TREE_GRID if only is None else (TREE_GRID[only],)
         out = []
         for depth, leaf in grid:
-            m = baselines.run('decision_tree', x[rows], y[rows], x[:1],
-                              num_classes=num_classes, seed=opts.seed, max_depth=depth,
-                              min_samples_leaf=leaf)['model']
+            m = baselines.fit('decision_tree', x[rows], y[rows], num_classes=num_classes,
+                              seed=opts.seed, max_depth=depth, min_samples_leaf=leaf)
             out.append((m, lambda r, m=m: baselines.predict_proba(m, x[r], num_classes)))
         return out
     return evaluate(key, TREE_GRID, fit_all, y, splits, opts,
@@ -233,8 +232,30 @@ def cross_validate_variant(res: ProbeResult, x: np.ndarray, y: np.ndarray, split
                       **opts.fit_kwargs())
         return lambda x_te: probe.predict_proba(p, np.asarray(x_te, np.float32))
 
-    cv = metrics.cross_validate(fit_fn, x, y, folds)
+    cv = cross_validate(fit_fn, x, y, folds)
     out = dict(mean_accuracy=cv['accuracy']['mean'], std_accuracy=cv['accuracy']['std'],
                fold_scores=cv['accuracy']['folds'])
     out.update({f'{n}_mean': v['mean'] for n, v in cv.items()})
     return out
+
+
+def cross_validate(fit_fn: Callable, x, y, folds: Sequence[tuple[np.ndarray, np.ndarray]],
+                   names: Sequence[str] | None = None) -> dict[str, dict]:
+    """Scores of `fit_fn(x_train, y_train) -> predict_proba(x) -> [N, C]` on given folds.
+
+    Args:
+      x: [N, ...] indexable by row arrays; y: int[N].
+      folds: (fit rows, score rows) pairs from `splits.grouped_folds` (the one fold builder).
+      names: metric names (`metrics` registry; default: its defaults).
+    Returns:
+      {metric: {'mean': float, 'std': float (population, ddof=0), 'folds': [k floats]}}.
+    """
+    y = np.asarray(y)
+    x = np.asarray(x) if not hasattr(x, 'shape') else x
+    scores: dict[str, list[float]] = {}
+    for tr, te in folds:
+        predict_proba = fit_fn(x[tr], y[tr])
+        for name, v in metrics.compute(y[te], np.asarray(predict_proba(x[te])), names).items():
+            scores.setdefault(name, []).append(v)
+    return {n: {'mean': float(np.mean(v)), 'std': float(np.std(v)), 'folds': v}
+            for n, v in scores.items()}

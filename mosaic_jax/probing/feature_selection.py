@@ -49,7 +49,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import warnings
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -262,21 +262,3 @@ def take_features(x, idx) -> Any:
     if idx.size and (idx.min() < 0 or idx.max() >= x.shape[1]):
         raise ValueError(f'feature indices must lie in 0..{x.shape[1] - 1}')
     return x[:, idx]
-
-
-def sparse_fit(x_train, y_train, k: int, fit_fn: Callable[[Any, Any], Any], *,
-               method: str = 'mean_diff', num_classes: int | None = None,
-               **select_kwargs) -> tuple[np.ndarray, Any]:
-    """Selects k features on the training rows, then fits `fit_fn(x_train[:, idx], y_train)`.
-
-    `fit_fn` is any callable of (features, labels), e.g.
-    `functools.partial(probe.fit, num_classes=C, C=1.0, standardize=True)`. `x_train` is
-    sliced in its own array type and `y_train` is passed through unchanged. Apply the same
-    `idx` to evaluation rows with `take_features(x_test, idx)`.
-    Returns (idx int64[k] as in `select_features`, the model fit_fn returned).
-    """
-    if not callable(fit_fn):
-        raise ValueError('fit_fn must be callable as fit_fn(x_subset, y)')
-    idx = select_features(x_train, y_train, k, method=method, num_classes=num_classes,
-                          **select_kwargs)
-    return idx, fit_fn(take_features(x_train, idx), y_train)

@@ -1,5 +1,5 @@
-"""Classification metrics chosen by name (scikit-learn underneath), bootstrap confidence
-intervals, and stratified K-fold CV.
+"""Classification metrics chosen by name (scikit-learn underneath) and bootstrap confidence
+intervals (K-fold CV is `evaluation.cross_validate`, on `splits.grouped_folds`).
 
 Every metric is `fn(y_true int[N], proba f32[N, C]) -> float`; predictions are
 `argmax(proba)` and the number of classes is C = proba.shape[1], the dataset's classes.
@@ -12,7 +12,7 @@ results.tree_block call this module) all report this number. MOSAIC's figure, th
 over the classes present in y_true or the predictions (sklearn's default labels), is the
 separate metric 'macro_f1_present'; the two agree whenever every class occurs in the test
 labels or the predictions. 'macro_f1_present' is registered with default=False: it is
-computed only when named, not by `compute(names=None)` / `cross_validate`.
+computed only when named, not by `compute(names=None)`.
 
 Bootstrap (`bootstrap`, `compute_with_intervals`): a seeded percentile bootstrap over test
 rows. Each resample draws N row indices with replacement; the per-resample statistics of
@@ -338,25 +338,3 @@ def compute_with_intervals(y_true, proba, names: Sequence[str] | None = None,
 def confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
     """int64[C, C]: row = true class, column = predicted class; absent classes give zeros."""
     return skm.confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
-
-
-def cross_validate(fit_fn: Callable, x, y, folds: Sequence[tuple[np.ndarray, np.ndarray]],
-                   names: Sequence[str] | None = None) -> dict[str, dict]:
-    """Scores of `fit_fn(x_train, y_train) -> predict_proba(x) -> [N, C]` on given folds.
-
-    Args:
-      x: [N, ...] indexable by row arrays; y: int[N].
-      folds: (fit rows, score rows) pairs, e.g. from `splits.grouped_folds` (the one fold
-        builder; this module never cuts folds itself).
-    Returns:
-      {metric: {'mean': float, 'std': float (population, ddof=0), 'folds': [k floats]}}.
-    """
-    y = np.asarray(y)
-    x = np.asarray(x) if not hasattr(x, 'shape') else x
-    scores: dict[str, list[float]] = {}
-    for tr, te in folds:
-        predict_proba = fit_fn(x[tr], y[tr])
-        for name, v in compute(y[te], np.asarray(predict_proba(x[te])), names).items():
-            scores.setdefault(name, []).append(v)
-    return {n: {'mean': float(np.mean(v)), 'std': float(np.std(v)), 'folds': v}
-            for n, v in scores.items()}

@@ -27,7 +27,6 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from mosaic_jax.probing import metrics
 
 SOLVERS = ('lbfgs', 'adam')
 
@@ -557,15 +556,3 @@ def fit_grid(x, y, Cs: Sequence[float], *, num_classes: int | None = None,
                 max_iter=max_iter, tol=tol, seed=seed, memory_size=memory_size,
                 batch_size=batch_size, lr=lr, weight_decay=weight_decay, patience=patience,
                 val_fraction=val_fraction, return_info=return_info)
-
-
-def select_C(grid: ProbeParams, Cs: Sequence[float], x_val, y_val, *,
-             metric: str = 'macro_f1') -> tuple[int, list[float]]:
-    """Index of the best C on validation by `metric` (a `metrics` registry name) and every
-    score; ties keep the first, i.e. the smallest C when Cs ascend (stronger L2)."""
-    fn = metrics.get(metric)
-    y_val = np.asarray(y_val)
-    scores = [float(fn(y_val, np.asarray(predict_proba(take(grid, i), x_val))))
-              for i in range(len(Cs))]
-    return int(np.nanargmax(scores)), scores
-

@@ -116,7 +116,8 @@ def _features_html(page: _Page, run: read.Run, view: read.DatasetView, best: dic
         page.add(_missing('The probe block has no importance_scores.'))
         return
     cfg = meta.get('mosaic_jax', {}).get('config') or run.config
-    model_id = read.neuronpedia_model_id(cfg)
+    model_id = read.neuronpedia_model_id(cfg.get('model', {}).get('path'),
+                                         cfg.get('sae', {}).get('source'))
     where = f"layer {best['layer']}, width {best['width']}, variant {best['variant']}"
     page.add(f'<p>Linear-probe weights of {html.escape(where)}. ' + (
         f'Gemma Scope SAE: feature indices link to Neuronpedia ({html.escape(model_id)}).'

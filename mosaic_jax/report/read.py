@@ -293,12 +293,12 @@ def headline(view: DatasetView) -> list[dict]:
 overlap_notes = report_plots.overlap_notes  # the headline's interval sentences
 
 
-def neuronpedia_model_id(config: dict) -> str | None:
+def neuronpedia_model_id(model_path: str, sae_source: str) -> str | None:
     """Neuronpedia's model id ('gemma-2-2b') when the SAE is a Gemma Scope SAE, else None."""
-    source = str(config.get('sae', {}).get('source', ''))
+    source = str(sae_source or '')
     if not source.startswith(GEMMA_SCOPE_PREFIX):
         return None
-    path = str(config.get('model', {}).get('path', '')).rstrip('/')
+    path = str(model_path or '').rstrip('/')
     model_id = os.path.basename(path).lower()  # 'google/gemma-2-9b-it' -> 'gemma-2-9b-it'
     if model_id.startswith('gemma-'):
         return model_id

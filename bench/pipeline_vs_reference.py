@@ -156,8 +156,8 @@ def _warm_batch_ratio(ex, model, batch, bos_id) -> tuple[float, float]:
 
 def ours(ds, splits, saes, width: int) -> dict:
     from mosaic_jax import models, parallel, steps
-    from mosaic_jax.probing import evaluation
     from mosaic_jax.data import batching
+    from mosaic_jax.probing import evaluation
     from mosaic_jax.variants import SAEKey
     model = models.load_model('gemma3_270m', dtype='float32')
     tok = models.load_tokenizer('gemma3_270m')

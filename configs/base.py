@@ -124,6 +124,8 @@ def get_config(arg=None):
     # Column names for local files / hub ids not in the registry.
     c.data.text_field = 'prompt'
     c.data.label_field = 'target'
+    # Text encoding of local CSV / JSON files (a spec's encoding= overrides it per dataset).
+    c.data.encoding = 'utf-8'
     # Keep at most this many rows per dataset (stratified, seeded); 0 = all.
     c.data.max_rows = 0
     # Train / validation / test fractions (stratified).

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import re
 
-from mosaic_jax.probing import baselines
 from mosaic_jax import features
-from mosaic_jax.probing import metrics
 from mosaic_jax import parallel
-from mosaic_jax.probing.evaluation import Selection
 from mosaic_jax.data.splits import Duplicates
+from mosaic_jax.probing import baselines
+from mosaic_jax.probing import metrics
+from mosaic_jax.probing.evaluation import Selection
 
 # Baselines computed from the model's own residuals (not in the baselines registry).
 HIDDEN_BASELINES = {'hidden_last': 'last', 'hidden_mean': 'mean'}

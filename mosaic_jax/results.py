@@ -2,12 +2,15 @@
 
   <workdir>/<model>/<dataset>/layer_<L>/<width>/<run_id>/sae_classifier_results.json
   <workdir>/<model>/<dataset>/layer_<L>/<width>/<run_id>/hidden_classifier_results.json
-  <workdir>/<model>/_runs/<run_id>/{summary.csv, config.json, timings.json}
+  <workdir>/<model>/_runs/<run_id>/{summary.csv, config.json, timings.json, splits/,
+                                  transfer.csv, feature_overlap.csv, correctness.csv}
 
 MOSAIC's keys (`metadata.{model,dataset,training,args,timestamp,class_names}`,
 `models.linearProbe.{performance,class_metrics,aggregated_metrics,feature_analysis}`,
 `models.decisionTree`) are kept; ours are added beside them (`variants`, `mosaic_jax`).
-Every write is atomic (checkpoint.atomic_write_*).
+Every write is atomic (checkpoint.atomic_write_*). This module owns every path of a run and
+the one CSV reader / writer; `best_row` is the one choice among result rows (the run marks it
+`selected`; the report, the claims table and the transfer matrices read that choice).
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import datetime
 import importlib.metadata
 import io
 import os
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from sklearn import metrics as skm
@@ -50,9 +53,80 @@ def safe_name(name: str) -> str:
     return name.replace('sae_probes:', '').replace('/', '_').replace(':', '_')
 
 
+RUNS = '_runs'  # <workdir>/<model>/_runs/<run_id>: a run's own files
+
+
 def run_dir(workdir: str, model: str, dataset: str, layer: int, width: str, run_id: str) -> str:
+    """<workdir>/<model>/<dataset>/layer_<L>/<width>/<run_id>: one SAE's result JSONs."""
     return os.path.join(workdir, safe_name(model), safe_name(dataset), f'layer_{layer}',
                         str(width), run_id)
+
+
+def runs_dir(workdir: str, model: str) -> str:
+    """<workdir>/<model>/_runs: every run of a model (`model` as written: a safe name)."""
+    return os.path.join(workdir, safe_name(model), RUNS)
+
+
+def run_folder(workdir: str, model: str, run_id: str) -> str:
+    """<workdir>/<model>/_runs/<run_id>: summary, config, timings, splits, transfer, ..."""
+    return os.path.join(runs_dir(workdir, model), run_id)
+
+
+# ----------------------------------------------------------------------------------------
+# CSV files and the one row choice
+# ----------------------------------------------------------------------------------------
+
+def to_float(v: Any) -> float:
+    """A number as read back from a CSV cell ('' / None / text: NaN)."""
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return float('nan')
+
+
+def read_csv(path: str) -> list[dict]:
+    """Rows of a CSV this module wrote, as strings (column -> cell)."""
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: str, rows: list[dict], fields: Sequence[str]) -> None:
+    """An atomic CSV with columns `fields`, then every other key a row has (nothing a row
+    carries is dropped); floats to 4 decimals (NaN stays 'nan'), missing values empty."""
+    fields = list(fields)
+    known = set(fields)
+    for r in rows:
+        fields += [k for k in r if k not in known and not known.add(k)]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, restval='')
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: _cell(v) for k, v in r.items()})
+    checkpoint.atomic_write_text(path, buf.getvalue())
+
+
+def best_row(rows: Sequence[dict], score: Callable[[dict], float] | None = None
+             ) -> dict | None:
+    """THE choice among result rows: the highest selection score (`select_score`: the
+    headline metric on validation or the CV mean, never a test score); ties: the first
+    row; rows without a score are never chosen (None when no row has one)."""
+    score = score or (lambda r: to_float(r.get('select_score')))
+    best, best_s = None, float('nan')
+    for r in rows:
+        s = score(r)
+        if s == s and (best is None or s > best_s):
+            best, best_s = r, s
+    return best
+
+
+def mark_selected(rows: list[dict], by: Sequence[str] = ('kind',)) -> list[dict]:
+    """Copies of `rows` with `selected`: True on the `best_row` of each group of rows that
+    agree on the `by` columns (per kind: the one row per method a headline compares)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in by), []).append(r)
+    chosen = {id(best_row(g)) for g in groups.values()}
+    return [{**r, 'selected': id(r) in chosen} for r in rows]
 
 
 def linear_probe_block(y_true: np.ndarray, proba: np.ndarray, class_names: list,
@@ -216,19 +290,9 @@ def _cell(v) -> str:
 
 
 def write_summary(path: str, rows: list[dict], metric_names=SUMMARY_METRICS) -> None:
-    """One CSV row per probe / baseline. Columns: `summary_fields(metric_names)`, then every
-    other key a row has (`train_group`, `regime`, ...) in order of first appearance; nothing a
-    row carries is dropped, and a missing value is written empty."""
-    fields = list(summary_fields(metric_names))
-    known = set(fields)
-    for r in rows:
-        fields += [k for k in r if k not in known and not known.add(k)]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=fields, restval='')
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: _cell(v) for k, v in r.items()})
-    checkpoint.atomic_write_text(path, buf.getvalue())
+    """One CSV row per probe / baseline: `summary_fields(metric_names)`, then every other
+    key a row has (`train_group`, `regime`, ...) in order of first appearance."""
+    write_csv(path, rows, summary_fields(metric_names))
 
 
 SEED_KEY = ('dataset', 'kind', 'layer', 'width', 'variant')

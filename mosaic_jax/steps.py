@@ -21,9 +21,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from mosaic_jax.data import batching
 from mosaic_jax import features
 from mosaic_jax import parallel
+from mosaic_jax.data import batching
 from mosaic_jax.probing import probe
 from mosaic_jax.sae import jumprelu
 from mosaic_jax.variants import TOP_N_POOLINGS, HiddenVariant, SAEKey, Variant

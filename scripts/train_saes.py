@@ -26,11 +26,11 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mosaic_jax import checkpoint  # noqa: E402
-from mosaic_jax.sae import train as sae_train
-from mosaic_jax.data import splits
 from mosaic_jax.data import batching
 from mosaic_jax.data import loading as data_loading
+from mosaic_jax.data import splits
 from mosaic_jax.sae import loading as sae_loading
+from mosaic_jax.sae import train as sae_train
 
 MODEL = 'gemma3_270m'
 # The paper's Gemma 2 2B layers 5/12/19 of 26 blocks, scaled to 18 blocks.

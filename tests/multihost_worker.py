@@ -16,10 +16,10 @@ jax.config.update('jax_default_matmul_precision', 'highest')
 
 from configs import tiny  # noqa: E402
 from mosaic_jax import parallel, steps  # noqa: E402
-from mosaic_jax.experiments import assets
-from mosaic_jax.experiments import experiment
 from mosaic_jax.data import batching
 from mosaic_jax.data import loading as data_loading
+from mosaic_jax.experiments import assets
+from mosaic_jax.experiments import experiment
 
 
 def main(model_dir, folder, out, port, pid):

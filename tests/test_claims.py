@@ -1,6 +1,7 @@
 """claims.py: verdicts from intervals, and the markdown from a summary.csv."""
 import csv
 
+from mosaic_jax import results
 from mosaic_jax.experiments import claims
 
 
@@ -35,7 +36,7 @@ def test_markdown_from_summary(tmp_path):
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    md = claims.markdown(claims.read(str(path)), str(path))
+    md = claims.markdown(results.read_csv(str(path)), str(path))
     assert '## SAE probe beats TF-IDF: **holds**' in md  # a wins, b overlaps
     assert '## SAE probe beats the last-token hidden-state probe: **holds**' in md
     assert '| a | 0.900 [0.850, 0.950] | 0.600 [0.500, 0.700] | A wins |' in md

@@ -5,6 +5,7 @@ loads and before any extraction (no `extract` progress bar).
 """
 import csv
 import os
+import shutil
 
 import pytest
 
@@ -57,6 +58,33 @@ def test_missing_column_names_the_columns(tiny, tmp_path):
     work = tmp_path / 'w'
     r = test_pipeline._main(tiny, work, f"--config.data.datasets=('{path}',)")
     _check(r, work, "'prompt'", 'text')
+
+
+def test_latin1_csv_names_the_byte_and_the_setting(tiny, tmp_path):
+    path = tmp_path / 'latin.csv'
+    body = 'prompt,target\n' + ''.join(f'text {i},{i % 2}\n' for i in range(40))
+    raw = body.encode() + 'caf\xe9 au lait,1\n'.encode('latin-1')
+    path.write_bytes(raw)
+    work = tmp_path / 'w'
+    r = test_pipeline._main(tiny, work, f"--config.data.datasets=('{path}',)")
+    _check(r, work, 'latin.csv', f'byte offset {len(body.encode()) + 3}', 'data.encoding')
+    # The hint works: the same file read as Latin-1 gets past loading (to the model).
+    from mosaic_jax.data import loading as data_loading
+    ds = data_loading.load(str(path), encoding='latin-1')
+    assert 'café au lait' in ds.texts
+
+
+def test_nan_in_model_weights_is_one_error_naming_the_tensor(tiny, tmp_path):
+    from safetensors.numpy import load_file, save_file
+    model_dir = tmp_path / 'model'
+    shutil.copytree(tiny['model_dir'], model_dir)
+    weights = model_dir / 'model.safetensors'
+    tensors = load_file(str(weights))
+    tensors['model.layers.0.mlp.up_proj.weight'][0, 0] = float('nan')
+    save_file(tensors, str(weights), metadata={'format': 'pt'})
+    work = tmp_path / 'w'
+    r = test_pipeline._main(dict(tiny, model_dir=str(model_dir)), work)
+    _check(r, work, 'model.layers.0.mlp.up_proj.weight', 'non-finite')
 
 
 def test_header_only_csv(tiny, tmp_path):

@@ -9,10 +9,10 @@ import pytest
 import paligemma_helpers as ph
 import tiny_assets
 from mosaic_jax import features
-from mosaic_jax.experiments import image_study
 from mosaic_jax.data import images
-from mosaic_jax.sae import loading as sae_loading
+from mosaic_jax.experiments import image_study
 from mosaic_jax.models import loading
+from mosaic_jax.sae import loading as sae_loading
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'scripts'))
 import digits_to_folder  # noqa: E402

@@ -7,7 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from mosaic_jax import results
 from mosaic_jax.data import images
+from mosaic_jax.data import splits
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'scripts'))
 import digits_to_folder  # noqa: E402
@@ -129,7 +131,8 @@ def test_identical_images_share_a_split(digits, tmp_path):
             if digests[i] == digests[j]:
                 assert where[i] == where[j]
     assert sp.audit.n_duplicate_rows == 10
-    images.write_split_csv(str(tmp_path / 'split.csv'), sp, ds)
+    results.write_csv(str(tmp_path / 'split.csv'), images.split_rows(sp, ds),
+                      splits.SPLIT_FIELDS)
     written = pd.read_csv(tmp_path / 'split.csv', dtype=str)
     assert written['text'].tolist() == ds.sources
 

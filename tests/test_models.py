@@ -15,8 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tests import helpers
 from mosaic_jax.models import config as config_lib
 from mosaic_jax.models import loading
-from mosaic_jax.models.config import AttentionType, GemmaConfig
 from mosaic_jax.models import transformer
+from mosaic_jax.models.config import AttentionType, GemmaConfig
 from mosaic_jax.models.transformer import Transformer
 
 SEQ = 24
@@ -223,6 +223,17 @@ def test_mapping_rejects_unused_and_mismatched_keys(gemma2):
     del bad['model.layers.2.self_attn.o_proj.weight']
     with pytest.raises(ValueError, match='attn_vec_einsum'):
         loading.build_model(cfg, bad)
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(gemma2):
+    hf, folder = gemma2
+    cfg = loading.load_model(folder).config
+    tensors = _hf_tensors(hf)
+    w = tensors['model.layers.1.mlp.down_proj.weight'].copy()
+    w[3, 5], w[0, 0] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"'model.layers.1.mlp.down_proj.weight' has 2 "
+                                         r"non-finite values"):
+        loading.build_model(cfg, {**tensors, 'model.layers.1.mlp.down_proj.weight': w})
 
 
 def test_untied_head_is_refused(gemma2):

@@ -18,13 +18,13 @@ import numpy as np
 import optax
 import pytest
 
-from mosaic_jax.data import batching
-from mosaic_jax.data import loading as data_loading
 from mosaic_jax import models
 from mosaic_jax import parallel
+from mosaic_jax import steps
+from mosaic_jax.data import batching
+from mosaic_jax.data import loading as data_loading
 from mosaic_jax.probing import probe
 from mosaic_jax.sae import loading as sae_loading
-from mosaic_jax import steps
 from mosaic_jax.variants import SAEKey, Variant
 from tests import tiny_assets
 

@@ -9,11 +9,11 @@ import pytest
 from matplotlib.container import ErrorbarContainer
 
 from configs import tiny
-from mosaic_jax.report import page as report_page
-from mosaic_jax.report import read as report_read
-from mosaic_jax.report import plots as report_plots
 from mosaic_jax import results
 from mosaic_jax import variants
+from mosaic_jax.report import page as report_page
+from mosaic_jax.report import plots as report_plots
+from mosaic_jax.report import read as report_read
 
 DATASETS = ('95_toxic_is', 'ag<news>&co')  # the second checks HTML escaping
 CLASSES = {'95_toxic_is': ['0', '1'], 'ag<news>&co': ['world', 'sports', 'sci<tech>']}

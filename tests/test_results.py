@@ -129,3 +129,85 @@ def test_seed_summary_mean_and_sample_std_per_variant():
     assert agg['sae']['macro_f1_mean'] == pytest.approx(0.8)
     assert agg['sae']['macro_f1_std'] == pytest.approx(0.1)  # ddof=1 of 0.7, 0.8, 0.9
     assert np.isnan(agg['tfidf']['macro_f1_std'])              # one seed: no spread
+
+
+# ----------------------------------------------------------------------------------------
+# The one choice: everything downstream reads the run's `selected` mark
+# ----------------------------------------------------------------------------------------
+
+TEST_COLS = ('macro_f1', 'macro_f1_lo', 'macro_f1_hi', 'accuracy')
+
+
+def _candidate_rows(seed=0):
+    """Summary rows of two datasets x (sae variants, hidden, tfidf) x two training groups,
+    validation scores and test scores drawn independently."""
+    r = np.random.default_rng(seed)
+    out = []
+    for ds in ('a', 'b'):
+        for group in ('en', 'xx'):
+            for layer, width, kind, variant in (
+                    (1, '4k', 'sae', 'max'), (1, '4k', 'sae', 'mean+bin'), (2, '16k', 'sae', 'max'),
+                    (2, '16k', 'sae', 'sum'), (1, None, 'hidden', 'hidden_last'),
+                    (2, None, 'hidden', 'hidden_last'), (None, None, 'tfidf', 'tfidf')):
+                f1 = float(r.uniform(0.4, 0.9))
+                out.append(dict(dataset=ds, train_group=group, test_group=group, layer=layer,
+                                width=width, kind=kind, variant=variant,
+                                select_score=float(r.uniform(0.4, 0.9)), macro_f1=f1,
+                                macro_f1_lo=f1 - 0.05, macro_f1_hi=f1 + 0.05, accuracy=f1))
+    return out
+
+
+def _scramble_test_scores(rows, seed=1):
+    """The same rows with every test column permuted across rows (as if the test labels
+    were scrambled): validation scores untouched."""
+    perm = np.random.default_rng(seed).permutation(len(rows))
+    return [dict(r, **{c: rows[j][c] for c in TEST_COLS}) for r, j in zip(rows, perm)]
+
+
+def _as_csv(rows):
+    """What a reader gets back from summary.csv / transfer.csv: strings."""
+    return [{k: results._cell(v) for k, v in r.items()} for r in rows]
+
+
+def _ident(r):
+    return tuple(str(r[k]) for k in ('dataset', 'train_group', 'layer', 'width', 'kind',
+                                      'variant'))
+
+
+def test_scrambled_test_labels_move_no_selection_downstream():
+    from mosaic_jax.experiments import claims
+    from mosaic_jax.report import transfer as report_transfer
+    rows = _candidate_rows()
+    scrambled = _scramble_test_scores(rows)
+    assert [r['macro_f1'] for r in rows] != [r['macro_f1'] for r in scrambled]
+    by = ('dataset', 'train_group', 'kind')
+    marked = results.mark_selected(rows, by)
+    marked_s = results.mark_selected(scrambled, by)
+    chosen = [_ident(r) for r in marked if r['selected']]
+    assert chosen == [_ident(r) for r in marked_s if r['selected']]
+    assert len(chosen) == 2 * 2 * 3  # one per dataset x group x kind
+    for r in marked:  # the chosen row has the best validation score of its group
+        if r['selected']:
+            peers = [x for x in rows if all(x[k] == r[k] for k in by)]
+            assert r['select_score'] == max(x['select_score'] for x in peers)
+    # The claims table reads the marks: the same rows whatever the test scores.
+    ca, cb = _as_csv(marked), _as_csv(marked_s)
+    for ds in ('a', 'b'):
+        for kind in ('sae', 'hidden', 'tfidf'):
+            pick = lambda rs: claims.selected(  # noqa: E731
+                [r for r in rs if r['dataset'] == ds and r['kind'] == kind
+                 and r['train_group'] == 'en'])
+            assert _ident(pick(ca)) == _ident(pick(cb))
+    # The transfer matrices show, per training group, the validation choice's test scores.
+    for src in (rows, scrambled):
+        for (ds, kind), (trains, tests, m) in report_transfer.matrices(_as_csv(src)).items():
+            for i, g in enumerate(trains):
+                cand = [r for r in src
+                        if r['dataset'] == ds and r['kind'] == kind and r['train_group'] == g]
+                best = max(cand, key=lambda r: r['select_score'])
+                for j, t in enumerate(tests):
+                    want = [r['macro_f1'] for r in cand
+                            if r['test_group'] == t and _ident(r)[2:] == _ident(best)[2:]]
+                    if want:
+                        assert m[i, j] == pytest.approx(want[0], abs=1e-4)
+    assert results.best_row([dict(select_score='nan'), dict(select_score='')]) is None

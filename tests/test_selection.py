@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from mosaic_jax.probing import probe
 from mosaic_jax.probing import feature_selection
+from mosaic_jax.probing import probe
 
 PLANTED = (3, 17, 40)
 F = 60

@@ -5,8 +5,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mosaic_jax.data import splits
+from mosaic_jax import results
 from mosaic_jax.data import loading as data_loading
+from mosaic_jax.data import splits
 
 
 def _split_of_each_key(s, texts):
@@ -254,7 +255,7 @@ def test_split_csv_round_trips_tricky_texts(tmp_path):
     s = splits.split(labels, 0, texts=texts, duplicates='drop')
     assert len(s.dropped) == 2
     path = str(tmp_path / 'sub' / 'split.csv')
-    splits.write_split_csv(path, s, labels, texts, names)
+    results.write_csv(path, splits.split_rows(s, labels, texts, names), splits.SPLIT_FIELDS)
     want_split = s.assignment(len(texts))
     assert want_split.count('dropped') == 2
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)

@@ -3,9 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from mosaic_jax.data import batching
 from mosaic_jax import features
 from mosaic_jax import steps
+from mosaic_jax.data import batching
 from mosaic_jax.variants import SAEKey, Variant
 
 

@@ -15,8 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mosaic_jax.data import splits
 from mosaic_jax.data import loading as data_loading
+from mosaic_jax.data import splits
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 # PaliGemma's preprocessor_config.json: mean = std = 0.5 per channel, rescale 1/255, bicubic.
@@ -275,6 +275,6 @@ def split(ds: LabeledImages, seed: int, fractions: Sequence[float] = (0.7, 0.1, 
                         class_names=ds.label_names)
 
 
-def write_split_csv(path: str, split_: splits.Split, ds: LabeledImages) -> None:
-    """The audit CSV of `splits.write_split_csv`, the image's source in the text column."""
-    splits.write_split_csv(path, split_, ds.labels, ds.sources, ds.label_names)
+def split_rows(split_: splits.Split, ds: LabeledImages) -> list[dict]:
+    """The audit rows of `splits.split_rows`, the image's source in the text column."""
+    return splits.split_rows(split_, ds.labels, ds.sources, ds.label_names)

@@ -24,7 +24,7 @@ from sklearn.model_selection import train_test_split
 SAE_PROBES_PREFIX = 'sae_probes:'
 # Keys a dict spec may carry (anything else is a typo and raises).
 SPEC_KEYS = ('name', 'hub', 'path', 'text_field', 'label_field', 'split', 'subset',
-             'revision', 'max_rows', 'max_classes', 'task', 'seed', 'dedupe')
+             'revision', 'max_rows', 'max_classes', 'task', 'seed', 'dedupe', 'encoding')
 # More distinct label values than this is not a classification task (banking77 has 77,
 # MASSIVE intents 60); numeric labels beyond it are a regression target.
 MAX_CLASSES = 100
@@ -159,6 +159,7 @@ class Spec:
     task: str
     seed: int
     dedupe: bool
+    encoding: str = 'utf-8'  # of a local CSV / JSON file
 
 
 def _as_dict(spec: Any) -> dict[str, Any]:
@@ -197,7 +198,7 @@ def _spec_from_str(spec: str) -> dict[str, Any]:
 
 
 def resolve(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
-            max_rows: int = 0, seed: int = 0) -> Spec:
+            max_rows: int = 0, seed: int = 0, encoding: str = 'utf-8') -> Spec:
     """Turns any accepted spec form into a fully resolved `Spec`.
 
     The keyword arguments are fallbacks (the config's `data.*` fields) for values the spec
@@ -237,7 +238,7 @@ def resolve(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target
         max_rows=int(raw.get('max_rows') or max_rows or 0),
         max_classes=int(raw.get('max_classes') or MAX_CLASSES), task=task,
         seed=int(raw['seed']) if raw.get('seed') is not None else seed,
-        dedupe=bool(raw.get('dedupe', False)))
+        dedupe=bool(raw.get('dedupe', False)), encoding=str(raw.get('encoding') or encoding))
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,7 +287,25 @@ def _sae_probes_task_types() -> dict[str, str]:
     return out
 
 
-def _read_file(path: str, text_field: str):
+def _check_encoding(path: str, encoding: str) -> None:
+    """The whole file decodes as `encoding`, else one error naming the first bad byte."""
+    with open(path, 'rb') as f:
+        raw = f.read()
+    try:
+        raw.decode(encoding)
+    except LookupError:
+        raise ValueError(f'dataset file {path!r}: unknown encoding {encoding!r} (data.encoding '
+                         "takes Python codec names: 'utf-8', 'latin-1', 'cp1252', ...)") from None
+    except UnicodeDecodeError as e:
+        line = raw.count(b'\n', 0, e.start) + 1
+        raise ValueError(
+            f'dataset file {path!r} is not {encoding} text: byte offset {e.start} (line {line}, '
+            f'{raw[e.start:e.start + 1]!r}) cannot be decoded; set data.encoding (e.g. '
+            f"--config.data.encoding=latin-1) or the dataset spec's encoding= to the file's "
+            f'encoding') from None
+
+
+def _read_file(path: str, text_field: str, encoding: str = 'utf-8'):
     if not os.path.exists(path):
         raise ValueError(f'dataset file {path!r} does not exist')
     fmt = _file_format(path)
@@ -295,10 +314,15 @@ def _read_file(path: str, text_field: str):
                          f'{[s for s, _ in _FILE_SUFFIXES]}')
     if fmt == 'csv.zst':
         # Text column read as str so '1.50' stays '1.50' (pandas would parse a float).
-        frame = pd.read_csv(path, compression='zstd', converters={text_field: str})
+        frame = pd.read_csv(path, compression='zstd', converters={text_field: str},
+                            encoding=encoding)
         return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    if fmt == 'parquet':
+        return datasets.load_dataset(fmt, data_files=path, split='train')
+    _check_encoding(path, encoding)
     kwargs = dict(converters={text_field: str}) if fmt == 'csv' else {}
-    return datasets.load_dataset(fmt, data_files=path, split='train', **kwargs)
+    return datasets.load_dataset(fmt, data_files=path, split='train', encoding=encoding,
+                                 **kwargs)
 
 
 def _read_hub(spec: Spec):
@@ -399,7 +423,8 @@ def _dedupe(texts: list[str], labels: list[Any]) -> tuple[list[str], list[Any]]:
 # load.
 # ---------------------------------------------------------------------------------------
 def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
-         max_rows: int = 0, seed: int = 0, group_field: str = '') -> LabeledTexts:
+         max_rows: int = 0, seed: int = 0, group_field: str = '',
+         encoding: str = 'utf-8') -> LabeledTexts:
     """Loads a dataset spec (see module docstring) as `LabeledTexts`.
 
     Keyword arguments are fallbacks for fields the spec leaves unset. Rows with an empty or
@@ -409,7 +434,7 @@ def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
     original order. `group_field` names a column kept as `LabeledTexts.groups`.
     """
     s = resolve(spec, text_field=text_field, label_field=label_field, max_rows=max_rows,
-                seed=seed)
+                seed=seed, encoding=encoding)
     check_continuous = s.task == 'auto'
     if s.kind == 'sae_probes':
         path = _sae_probes_path(s.location)
@@ -422,7 +447,7 @@ def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
         table, source = _read_file(path, s.text_field), f'sae_probes:{path}'
         s = dataclasses.replace(s, name=base)
     elif s.kind == 'file':
-        table, source = _read_file(s.location, s.text_field), f'file:{s.location}'
+        table, source = _read_file(s.location, s.text_field, s.encoding), f'file:{s.location}'
     else:
         table = _read_hub(s)
         source = f'hub:{s.location}' + (f'/{s.subset}' if s.subset else '') + (

@@ -8,10 +8,8 @@ copy of a text in one split.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import enum
-import io
 import math
 from typing import Iterator, Sequence
 
@@ -19,11 +17,10 @@ from absl import logging
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 
-from mosaic_jax import checkpoint
 from mosaic_jax.data import loading as data_loading
 
 SPLIT_NAMES = ('train', 'val', 'test')
-DROPPED = 'dropped'  # `write_split_csv`'s split value for rows that are in no split
+DROPPED = 'dropped'  # `split_rows`' split value for rows that are in no split
 
 
 class Duplicates(str, enum.Enum):
@@ -413,22 +410,21 @@ def drop_rare_classes(ds: data_loading.LabeledTexts, min_count: int, *,
     return out, dropped + more
 
 
-def write_split_csv(path: str, split: Split, labels: np.ndarray, texts: Sequence[str],
-                    label_names: Sequence[str]) -> None:
-    """Writes one CSV row per input row, in index order, atomically.
+SPLIT_FIELDS = ('index', 'split', 'label', 'text')  # the audit CSV's columns
 
-    Columns: index (row in `texts`), split ('train' | 'val' | 'test', or 'dropped' for rows
-    in no split, so the file accounts for every row), label (its name), text (quoted by the
-    csv module when it holds commas, quotes or newlines). Read it back with
-    `pd.read_csv(path, dtype=str, keep_default_na=False)` or `csv.DictReader`.
+
+def split_rows(split: Split, labels: np.ndarray, texts: Sequence[str],
+               label_names: Sequence[str]) -> list[dict]:
+    """One audit row per input row, in index order (`results.write_csv` writes them).
+
+    Columns (`SPLIT_FIELDS`): index (row in `texts`), split ('train' | 'val' | 'test', or
+    'dropped' for rows in no split, so the file accounts for every row), label (its name),
+    text (quoted by the csv module when it holds commas, quotes or newlines). Read the file
+    back with `pd.read_csv(path, dtype=str, keep_default_na=False)` or `csv.DictReader`.
     """
     labels = np.asarray(labels)
     if len(labels) != len(texts):
         raise ValueError(f'{len(texts)} texts for {len(labels)} labels')
     where = split.assignment(len(texts))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator='\n')
-    writer.writerow(['index', 'split', 'label', 'text'])
-    for i, (name, y, t) in enumerate(zip(where, labels, texts)):
-        writer.writerow([i, name, label_names[int(y)], t])
-    checkpoint.atomic_write_text(path, buf.getvalue())
+    return [dict(index=i, split=name, label=label_names[int(y)], text=t)
+            for i, (name, y, t) in enumerate(zip(where, labels, texts))]

@@ -4,11 +4,11 @@ Every failure is a `checks.UserError` naming the file, layer or width and what t
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from mosaic_jax import models
-from mosaic_jax.sae import loading as sae_loading
 from mosaic_jax.checks import UserError
+from mosaic_jax.sae import loading as sae_loading
 from mosaic_jax.variants import SAEKey, parse_width
 
 
@@ -34,36 +34,35 @@ def resolve_sae_source(template: str, layer: int, width: str) -> str:
     return template.format(layer=layer, width=width)
 
 
-def check_saes(config) -> None:
-    """Every SAE of the grid exists and its width matches its name: read from headers
-    (sae.peek), before the model or any weights load."""
+def _each_sae(config, read: Callable[[str], Any], width_of: Callable[[Any], int]
+              ) -> dict[SAEKey, Any]:
+    """SAEKey -> read(source) for every SAE of the grid, its width checked against its name;
+    any failure is one UserError naming the layer, width and source."""
+    out = {}
     for key in sae_grid(config):
         src = resolve_sae_source(config.sae.source, key.layer, key.width)
         try:
             expected = parse_width(key.width)
-            _, width = sae_loading.peek(src)
+            got = read(src)
         except (ValueError, FileNotFoundError, OSError) as e:
             raise UserError(f'SAE for layer {key.layer} width {key.width} ({src}): {e}') from e
-        if width != expected:
-            raise UserError(f'SAE {src} has width {width}, but the config names it '
+        if width_of(got) != expected:
+            raise UserError(f'SAE {src} has width {width_of(got)}, but the config names it '
                             f'{key.width} ({expected})')
+        out[key] = got
+    return out
+
+
+def check_saes(config) -> None:
+    """Every SAE of the grid exists and its width matches its name: read from headers
+    (sae_loading.peek), before the model or any weights load."""
+    _each_sae(config, sae_loading.peek, lambda shape: shape[1])
 
 
 def load_saes(config, d_model: int) -> dict[SAEKey, Any]:
     """SAEKey -> SAEParams for every SAE of the grid; width checked against its name."""
-    saes = {}
-    for key in sae_grid(config):
-        src = resolve_sae_source(config.sae.source, key.layer, key.width)
-        try:
-            expected = parse_width(key.width)
-            params = sae_loading.load_sae(src, d_model=d_model)
-        except (ValueError, FileNotFoundError, OSError) as e:
-            raise UserError(f'SAE for layer {key.layer} width {key.width} ({src}): {e}') from e
-        if params.width != expected:
-            raise UserError(f'SAE {src} has width {params.width}, but the config names it '
-                            f'{key.width} ({expected})')
-        saes[key] = params
-    return saes
+    return _each_sae(config, lambda src: sae_loading.load_sae(src, d_model=d_model),
+                     lambda params: params.width)
 
 
 def load_model(config):

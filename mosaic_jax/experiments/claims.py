@@ -12,8 +12,6 @@ lies wholly above B's; per claim the verdict is
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 from typing import Callable, Sequence
 
@@ -24,22 +22,14 @@ METRIC = 'macro_f1'
 
 
 def _f(r: dict, k: str) -> float:
-    try:
-        return float(r.get(k, 'nan'))
-    except ValueError:
-        return math.nan
+    return results.to_float(r.get(k))
 
 
-def read(path: str) -> list[dict]:
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
-def best_by_val(rows: Sequence[dict]) -> dict | None:
-    """The row with the best `select_score` (validation / CV headline; ties: the first);
-    None when no row has one. Test scores never choose."""
-    scored = [r for r in rows if not math.isnan(_f(r, 'select_score'))]
-    return max(scored, key=lambda r: _f(r, 'select_score')) if scored else None
+def selected(rows: Sequence[dict]) -> dict | None:
+    """The row the run marked `selected` among `rows` (one kind of one dataset), else the
+    same choice made here (results.best_row: validation / CV, never test)."""
+    marked = [r for r in rows if r.get('selected') == 'True']
+    return marked[0] if len(marked) == 1 else results.best_row(marked or rows)
 
 
 def _cell(r: dict | None) -> str:
@@ -78,13 +68,13 @@ def claim_rows(rows: list[dict]) -> list[tuple[str, str, list[tuple[str, str, st
     datasets = list(dict.fromkeys(r['dataset'] for r in rows))
     claims: list[tuple[str, Callable[[list[dict]], tuple]]] = [
         ('SAE probe beats the last-token hidden-state probe',
-         lambda d: (best_by_val(_pick(d, kind='sae')), best_by_val(
+         lambda d: (selected(_pick(d, kind='sae')), results.best_row(
              [r for r in _pick(d, kind='hidden') if r['variant'] == 'hidden_last']))),
         ('SAE probe beats the mean-pooled hidden-state probe',
-         lambda d: (best_by_val(_pick(d, kind='sae')), best_by_val(
+         lambda d: (selected(_pick(d, kind='sae')), results.best_row(
              [r for r in _pick(d, kind='hidden') if r['variant'] == 'hidden_mean']))),
         ('SAE probe beats TF-IDF',
-         lambda d: (best_by_val(_pick(d, kind='sae')), best_by_val(_pick(d, kind='tfidf')))),
+         lambda d: (selected(_pick(d, kind='sae')), selected(_pick(d, kind='tfidf')))),
         ('binarized features match a 16-feature sparse probe (A: binarized, B: k=16)',
          lambda d: _binarized_vs_sparse(d)),
         ('16k width beats 4k at layer 8 (same pooling as the 4k choice)',
@@ -102,17 +92,17 @@ def claim_rows(rows: list[dict]) -> list[tuple[str, str, list[tuple[str, str, st
 
 def _binarized_vs_sparse(d: list[dict]):
     """At the chosen SAE: its best binarized variant vs the 16-feature sparse probe."""
-    sel = best_by_val(_pick(d, kind='sae'))
+    sel = selected(_pick(d, kind='sae'))
     if sel is None:
         return None, None
     same = _pick(d, kind='sae', layer=sel['layer'], width=sel['width'], binarized='True')
-    return best_by_val(same), best_by_val(_pick(d, kind='sparse', k='16', layer=sel['layer'],
+    return results.best_row(same), results.best_row(_pick(d, kind='sparse', k='16', layer=sel['layer'],
                                                 width=sel['width']))
 
 
 def _width(d: list[dict]):
     """Layer 8: the 16k SAE's row with the variant chosen for 4k, vs that 4k row."""
-    sel = best_by_val(_pick(d, kind='sae', layer='8', width='4k'))
+    sel = results.best_row(_pick(d, kind='sae', layer='8', width='4k'))
     if sel is None:
         return None, None
     big = _pick(d, kind='sae', layer='8', width='16k', variant=sel['variant'])
@@ -146,11 +136,10 @@ def main(argv=None) -> str:
     p.add_argument('--model', default='google_gemma-3-270m')
     p.add_argument('--out', default='docs/claims.md')
     a = p.parse_args(argv)
-    path = os.path.join(a.workdir, results.safe_name(a.model), '_runs', a.run_id,
-                        'summary.csv')
+    path = os.path.join(results.run_folder(a.workdir, a.model, a.run_id), 'summary.csv')
     if not os.path.exists(path):
         raise SystemExit(f'error: no summary at {path}; run configs/claims.py first')
-    checkpoint.atomic_write_text(a.out, markdown(read(path), path))
+    checkpoint.atomic_write_text(a.out, markdown(results.read_csv(path), path))
     return a.out
 
 

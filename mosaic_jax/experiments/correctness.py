@@ -16,8 +16,6 @@ single-digit additions and subtractions whose answers are known exactly.
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 import re
 import string
@@ -26,11 +24,13 @@ import time
 from absl import logging
 import numpy as np
 
-from mosaic_jax.experiments import assets
-from mosaic_jax import checkpoint
-from mosaic_jax.data import loading as data_loading
+from mosaic_jax import results
 from mosaic_jax.checks import UserError
+from mosaic_jax.data import loading as data_loading
+from mosaic_jax.experiments import assets
 from mosaic_jax.models import generate
+
+FIELDS = ('prompt', 'target', 'answer', 'generated')  # correctness.csv's columns
 
 BUILTIN_ARITHMETIC = 'builtin:arithmetic'
 # Single-digit operands: the 270M base model answers some and misses some, so both labels
@@ -98,13 +98,9 @@ def label(config, run_folder: str) -> dict:
         generated += generate.generate_text(model, tokenizer, prompts[s:s + int(c.batch_size)],
                                             int(c.max_new_tokens))
     ok = [is_correct(g, a, c.answer_kind) for g, a in zip(generated, answers)]
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(['prompt', 'target', 'answer', 'generated'])
-    for p, y, a, g in zip(prompts, ok, answers, generated):
-        w.writerow([p, int(y), a, g])
     path = os.path.join(run_folder, 'correctness.csv')
-    checkpoint.atomic_write_text(path, buf.getvalue())
+    results.write_csv(path, [dict(prompt=p, target=int(y), answer=a, generated=g)
+                             for p, y, a, g in zip(prompts, ok, answers, generated)], FIELDS)
     out = dict(path=path, n=len(ok), n_correct=int(sum(ok)),
                seconds=time.perf_counter() - t0)
     logging.info('label_correctness: %d of %d answered correctly (%.1fs); wrote %s',

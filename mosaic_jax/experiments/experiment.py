@@ -15,23 +15,23 @@ import time
 from absl import logging
 import numpy as np
 
-from mosaic_jax.experiments import assets
-from mosaic_jax.probing import baselines
 from mosaic_jax import checks
-from mosaic_jax.experiments import correctness
+from mosaic_jax import parallel
+from mosaic_jax import results
+from mosaic_jax import steps
+from mosaic_jax.checks import UserError
 from mosaic_jax.data import batching
 from mosaic_jax.data import loading as data_loading
-from mosaic_jax.probing import evaluation
-from mosaic_jax import parallel
-from mosaic_jax.probing import probe
-from mosaic_jax.report import page as report_page
-from mosaic_jax import results
-from mosaic_jax.probing import feature_selection
 from mosaic_jax.data import splits as splits_lib
-from mosaic_jax import steps
+from mosaic_jax.experiments import assets
+from mosaic_jax.experiments import correctness
 from mosaic_jax.experiments import transfer as transfer_lib
-from mosaic_jax.checks import UserError
+from mosaic_jax.probing import baselines
+from mosaic_jax.probing import evaluation
+from mosaic_jax.probing import feature_selection
+from mosaic_jax.probing import probe
 from mosaic_jax.probing.evaluation import ProbeOptions, ProbeResult
+from mosaic_jax.report import page as report_page
 from mosaic_jax.variants import SAEKey, Variant
 
 
@@ -142,7 +142,10 @@ def run(config) -> list[dict]:
         folder = _run_folder(ctx)
         results.write_summary(os.path.join(folder, 'summary.csv'), rows, ctx.opts.metric_names)
         if transfer[0]:
-            transfer_lib.write(folder, *transfer)
+            results.write_csv(os.path.join(folder, 'transfer.csv'), transfer[0],
+                              transfer_lib.TRANSFER_FIELDS)
+            results.write_csv(os.path.join(folder, 'feature_overlap.csv'), transfer[1],
+                              transfer_lib.OVERLAP_FIELDS)
         if len(_seeds(config)) > 1:
             results.write_seed_summary(os.path.join(folder, 'seeds.csv'), rows,
                                        ctx.opts.metric_names)
@@ -165,8 +168,8 @@ def _report_only(config) -> list[dict]:
 
 
 def run_folder(config, run_id: str) -> str:
-    """<workdir>/<model>/_runs/<run_id>: summary, config, timings, splits, ..."""
-    return os.path.join(config.workdir, results.safe_name(config.model.name), '_runs', run_id)
+    """<workdir>/<model>/_runs/<run_id> (results.run_folder) of this config."""
+    return results.run_folder(config.workdir, config.model.name, run_id)
 
 
 def _run_folder(ctx: Context) -> str:
@@ -182,7 +185,7 @@ def dataset_names(config) -> list[str]:
 
 def _read(config, name: str) -> data_loading.LabeledTexts:
     kw = dict(text_field=config.data.text_field, label_field=config.data.label_field,
-              max_rows=config.data.max_rows, seed=config.seed)
+              max_rows=config.data.max_rows, seed=config.seed, encoding=config.data.encoding)
     if config.data.group_parts and name == config.data.group_name:
         parts = [p.split('=', 1) for p in config.data.group_parts]
         return data_loading.combine([(g, data_loading.load(spec, **kw)) for g, spec in parts], name)
@@ -242,8 +245,9 @@ def _split(ctx: Context, ds: data_loading.LabeledTexts, seed: int, *, write: boo
     if write:
         path = os.path.join(_run_folder(ctx), 'splits',
                             f'{results.safe_name(ds.name)}{tag}.csv')
-        ctx.pending.append(functools.partial(splits_lib.write_split_csv, path, sp, ds.labels,
-                                             ds.texts, ds.label_names))
+        rows = splits_lib.split_rows(sp, ds.labels, ds.texts, ds.label_names)
+        ctx.pending.append(functools.partial(results.write_csv, path, rows,
+                                             splits_lib.SPLIT_FIELDS))
     return sp
 
 
@@ -299,17 +303,11 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
     return rows
 
 
-def _mark_selected(rows: list[dict], seed: int) -> list[dict]:
-    """`selected` = the row of each kind with the best `select_score` (the headline metric
-    on validation or the CV mean, never test): the one number per method that a headline
-    may compare. Adds `seed`."""
-    best: dict[str, dict] = {}
-    for r in rows:
-        score, kind = r.get('select_score', np.nan), r['kind']
-        if not np.isnan(score) and (kind not in best or score > best[kind]['select_score']):
-            best[kind] = r
-    chosen = {id(r) for r in best.values()}
-    return [{**r, 'selected': id(r) in chosen, 'seed': seed} for r in rows]
+def _mark_selected(rows: list[dict], seed: int, by=('kind',)) -> list[dict]:
+    """`selected` on the best row of each kind (results.best_row: the headline metric on
+    validation or the CV mean, never test), the one choice everything downstream reads;
+    adds `seed`."""
+    return [dict(r, seed=seed) for r in results.mark_selected(rows, by)]
 
 
 def _row(prep: Prepared, kind: str, res: ProbeResult | None = None, *, headline: str = '',
@@ -519,4 +517,5 @@ def _transfer_dataset(ctx: Context, ds, feats, out: tuple[list, list]) -> list[d
             ident.pop('dataset')
             rows.append(_row(prep, kind, res, headline=ctx.opts.headline, **ident,
                              train_group=g))
-    return _mark_selected(rows, config.seed)
+    # Each training group is its own experiment: one choice per kind and group.
+    return _mark_selected(rows, config.seed, by=('kind', 'train_group'))

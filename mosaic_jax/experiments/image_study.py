@@ -18,8 +18,8 @@ from flax import nnx
 
 from mosaic_jax import features
 from mosaic_jax.data import images
-from mosaic_jax.sae import jumprelu
 from mosaic_jax.models import paligemma
+from mosaic_jax.sae import jumprelu
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,23 +8,20 @@ and each training group g (config.data.train_groups, default every group):
     rows whose normalised text also occurs in g's train / val rows (logged);
   * per class, the share of the probe's top-k features that stay top-k when the chosen
     variant is refitted (same C) on h's train rows: how language-specific the features are.
-Writes `_runs/<run_id>/transfer.csv` and `feature_overlap.csv`.
+Returns the rows of `_runs/<run_id>/transfer.csv` and `feature_overlap.csv` (written by
+`results.write_csv`, columns `TRANSFER_FIELDS` / `OVERLAP_FIELDS`).
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import os
 from typing import Sequence
 
 from absl import logging
 import numpy as np
 
-from mosaic_jax import checkpoint
+from mosaic_jax.data import splits as splits_lib
 from mosaic_jax.probing import evaluation
 from mosaic_jax.probing import probe
-from mosaic_jax.data import splits as splits_lib
 from mosaic_jax.probing.evaluation import ProbeOptions, ProbeResult
 
 TRANSFER_FIELDS = ('dataset', 'train_group', 'test_group', 'layer', 'width', 'kind', 'variant',
@@ -114,21 +111,6 @@ def feature_overlap(res: ProbeResult, x: np.ndarray, y: np.ndarray, gr: GroupRow
             out.append(dict(ident, train_group=gr.train_group, refit_group=h,
                             **{'class': class_names[c]}, k=TOP_K, overlap=len(a & b) / TOP_K))
     return out
-
-
-def write_csv(path: str, rows: list[dict], fields: Sequence[str]) -> None:
-    """An atomic CSV; floats to 4 decimals, missing values empty."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(fields), restval='', extrasaction='ignore')
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f'{v:.4f}' if isinstance(v, float) else v) for k, v in r.items()})
-    checkpoint.atomic_write_text(path, buf.getvalue())
-
-
-def write(run_folder: str, transfer: list[dict], overlap: list[dict]) -> None:
-    write_csv(os.path.join(run_folder, 'transfer.csv'), transfer, TRANSFER_FIELDS)
-    write_csv(os.path.join(run_folder, 'feature_overlap.csv'), overlap, OVERLAP_FIELDS)
 
 
 def train_groups(groups: Sequence[str], requested: Sequence[str]) -> list[str]:

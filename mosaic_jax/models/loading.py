@@ -116,8 +116,8 @@ def build_model(cfg: GemmaConfig, tensors: Mapping[str, np.ndarray],
       tensors: HF name -> array in HF orientation (lazy mappings are read one key at a time).
       dtype: 'float32' or 'bfloat16', the parameter and compute dtype.
     Raises:
-      ValueError: a key no rule uses, a parameter no key fills, or a shape mismatch (the
-        message names the key and both shapes).
+      ValueError: a key no rule uses, a parameter no key fills, a shape mismatch (the
+        message names the key and both shapes) or a NaN / inf weight.
     """
     dtype = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
@@ -148,6 +148,7 @@ def build_model(cfg: GemmaConfig, tensors: Mapping[str, np.ndarray],
                              f'not fit {"/".join(map(str, path))} of shape {target.shape}'
                              f'{"" if rule.slot is None else f" (slot {rule.slot})"}')
         target[...] = value
+        _check_finite(target, key)
         filled.add((path, rule.slot))
     if unused:
         raise ValueError(f'{len(unused)} checkpoint tensors are not used by a {cfg.num_layers}-'
@@ -158,6 +159,17 @@ def build_model(cfg: GemmaConfig, tensors: Mapping[str, np.ndarray],
 
     flat = [(path, var.replace(jnp.asarray(buffers.pop(path)))) for path, var in flat]
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _check_finite(x: np.ndarray, key: str) -> None:
+    """A NaN / inf weight poisons every feature downstream: refuse it, naming the tensor."""
+    ok = np.isfinite(x)
+    if not ok.all():
+        first = np.unravel_index(int(np.argmin(ok)), x.shape)
+        raise ValueError(f'checkpoint tensor {key!r} has {int(ok.size - ok.sum())} non-finite '
+                         f'values (NaN / inf; the first at index {tuple(map(int, first))}): the '
+                         f'file is corrupt or comes from a diverged run; re-download or '
+                         f're-export it')
 
 
 def _is_slotted(path: tuple) -> bool:

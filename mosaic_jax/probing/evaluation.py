@@ -20,10 +20,10 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from mosaic_jax.data import splits as splits_lib
 from mosaic_jax.probing import baselines
 from mosaic_jax.probing import metrics
 from mosaic_jax.probing import probe
-from mosaic_jax.data import splits as splits_lib
 
 # A candidate fitted on some rows: (model object, rows -> proba [len(rows), C]).
 Fitted = tuple[Any, Callable[[np.ndarray], np.ndarray]]

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mosaic_jax import checkpoint
 from mosaic_jax import variants
 
 METRIC = 'macro_f1'  # the paper's headline metric: what every plot shows
@@ -210,18 +209,10 @@ def plot_top_features(tops: dict[str, list[tuple[int, float]]], title: str) -> F
 
 
 def write_png(fig: Figure, path: str) -> None:
-    """Atomic like checkpoint.atomic_write_text: temp file in the same folder + rename."""
+    """The figure as a PNG at `path`, written atomically (checkpoint.atomic_write_bytes)."""
     buf = io.BytesIO()
     fig.savefig(buf, format='png')
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.tmp-', suffix='.png')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    checkpoint.atomic_write_bytes(path, buf.getvalue())
 
 
 def overlap_notes(heads: list[dict]) -> list[str]:

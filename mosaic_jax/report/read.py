@@ -18,9 +18,9 @@ import re
 import numpy as np
 
 from mosaic_jax import checkpoint
-from mosaic_jax.report import plots as report_plots
 from mosaic_jax import results
 from mosaic_jax import variants
+from mosaic_jax.report import plots as report_plots
 
 REPORT_NAME = 'report.html'
 FILES_DIR = 'report_files'
@@ -61,13 +61,6 @@ class DatasetView:
     hidden_json: dict[int, dict]           # layer -> hidden_classifier_results.json
 
 
-def _float(s: str) -> float:
-    try:
-        return float(s)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _int_or_none(s: str) -> int | None:
     try:
         return int(s)
@@ -90,12 +83,12 @@ def _parse_row(r: dict) -> dict:
         pooling=None if pooling in ('', '-') else pooling,
         top_n=_int_or_none(r.get('top_n')),
         binarized=r.get('binarized') in TRUE, selected=r.get('selected') in TRUE,
-        C=None if math.isnan(_float(r.get('C'))) else _float(r.get('C')),
+        C=None if math.isnan(results.to_float(r.get('C'))) else results.to_float(r.get('C')),
         n_train=_int_or_none(r.get('n_train')), n_test=_int_or_none(r.get('n_test')),
-        seconds=_float(r.get('seconds')),
-        select_score=_float(r.get('select_score')),
-        **{m: _float(r.get(m)) for m in METRICS},
-        **{f'{m}_{end}': _float(r.get(f'{m}_{end}')) for m in METRICS for end in ('lo', 'hi')})
+        seconds=results.to_float(r.get('seconds')),
+        select_score=results.to_float(r.get('select_score')),
+        **{m: results.to_float(r.get(m)) for m in METRICS},
+        **{f'{m}_{end}': results.to_float(r.get(f'{m}_{end}')) for m in METRICS for end in ('lo', 'hi')})
 
 
 def read_summary(path: str) -> list[dict]:
@@ -122,7 +115,7 @@ def load(workdir: str, run_id: str | None = None) -> list[Run]:
         raise ValueError(f'report: workdir {workdir!r} does not exist')
     runs, seen_ids = [], set()
     for model in sorted(os.listdir(workdir)):
-        runs_dir = os.path.join(workdir, model, '_runs')
+        runs_dir = os.path.join(workdir, model, results.RUNS)
         if not os.path.isdir(runs_dir):
             continue
         finished = {}
@@ -185,10 +178,10 @@ def _val_scores(view: DatasetView) -> dict[tuple, float]:
     out = {}
     for (layer, width), js in view.sae_json.items():
         for name, v in js.get('variants', {}).items():
-            out['sae', layer, width, name] = _float(v.get('val', {}).get(HEADLINE))
+            out['sae', layer, width, name] = results.to_float(v.get('val', {}).get(HEADLINE))
     for layer, js in view.hidden_json.items():
         for key, v in js.get('variants', {}).items():
-            out['hidden', layer, None, _hidden_name(layer, key)] = _float(
+            out['hidden', layer, None, _hidden_name(layer, key)] = results.to_float(
                 v.get('val', {}).get(HEADLINE))
     return out
 
@@ -212,10 +205,10 @@ def select(rows: list[dict], val: dict[tuple, float]) -> tuple[dict | None, str]
     def score(r: dict) -> float:
         v = val.get(_key(r), math.nan)
         return r.get('select_score', math.nan) if math.isnan(v) else v
-    scored = [(score(r), -i, r) for i, r in enumerate(rows) if not math.isnan(score(r))]
-    if not scored:  # one row is no choice; among several, none without a score
+    best = results.best_row(rows, score)
+    if best is None:  # one row is no choice; among several, none without a score
         return (rows[0], 'only') if len(rows) == 1 else (None, 'unscored')
-    return max(scored, key=lambda t: t[:2])[2], 'validation'
+    return best, 'validation'
 
 
 def _choose(rows: list[dict], val: dict[tuple, float], marked: bool) -> tuple[dict | None, str]:

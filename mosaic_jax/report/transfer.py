@@ -7,21 +7,14 @@ validation split, never a test group); its test macro-F1 on every group fills on
 from __future__ import annotations
 
 import csv
-import math
 import os
 
 import numpy as np
 
+from mosaic_jax import results
 from mosaic_jax.report import plots as report_plots
 
 KINDS = ('sae', 'hidden', 'tfidf')
-
-
-def _f(v) -> float:
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def matrices(rows: list[dict]) -> dict[tuple[str, str], tuple[list, list, np.ndarray]]:
@@ -37,11 +30,13 @@ def matrices(rows: list[dict]) -> dict[tuple[str, str], tuple[list, list, np.nda
             m = np.full((len(trains), len(tests)), np.nan)
             for i, g in enumerate(trains):
                 cand = [r for r in mine if r['train_group'] == g]
-                best = max(cand, key=lambda r: (_f(r.get('select_score')), -cand.index(r)))
+                best = results.best_row(cand)  # chosen on g's validation rows, never test
+                if best is None:
+                    continue
                 key = (best['layer'], best['width'], best['variant'])
                 for r in cand:
                     if (r['layer'], r['width'], r['variant']) == key:
-                        m[i, tests.index(r['test_group'])] = _f(r['macro_f1'])
+                        m[i, tests.index(r['test_group'])] = results.to_float(r['macro_f1'])
             out[ds, kind] = (trains, tests, m)
     return out
 

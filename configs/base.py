@@ -13,8 +13,9 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
 
-    # What to do: 'classify' (extract features, train probes, write results + report),
-    # 'report' (only rebuild the HTML report of an existing workdir).
+    # What to do: 'classify' (extract features, train probes, write results + report and
+    # save the selected probes), 'predict' (apply a saved probe to new texts: c.predict),
+    # 'report' (only rebuild the HTML report of an existing workdir), 'label_correctness'.
     c.mode = 'classify'
     # Results go to <workdir>/<model.name>/<dataset>/layer_<L>/<width>/<run_id>/ (MOSAIC layout).
     c.workdir = 'runs'
@@ -155,6 +156,22 @@ def get_config(arg=None):
     c.cv_folds = 0
     # Bootstrap resamples of every test metric's 95% interval (0 = no intervals).
     c.n_bootstrap = 1000
+
+    # mode='predict': apply a classify run's saved probe (experiments/predict.py) to
+    # data.datasets[0]; writes predictions.csv (+ scores when it has a label column).
+    c.predict = ml_collections.ConfigDict()
+    c.predict.probe = ''      # <workdir>/<model>/_runs/<run_id> of the classify run
+    c.predict.dataset = ''    # which of its datasets' probes ('' = its only one)
+    c.predict.kind = 'sae'    # 'sae' | 'hidden' | 'tfidf'
+    c.predict.top_k = 3       # features per text with their contributions (SAE probes)
+
+    # The feature store (mosaic_jax/store.py): pooled features saved under root (''
+    # = <workdir>/_features) as extraction goes, read back by any later run with the same
+    # model, SAE, variants and texts; a killed run resumes. enabled=False: extract in memory.
+    c.store = ml_collections.ConfigDict()
+    c.store.enabled = True
+    c.store.root = ''
+    c.store.shard_texts = 256  # texts per shard (what a killed run can lose)
 
     # Persistent XLA compilation cache ('' = off): a second run with the same shapes
     # compiles nothing; timings.json reports '<dataset>/compile' seconds either way.

@@ -107,7 +107,10 @@ def validate(config) -> None:
       UserError: naming every problem found.
     """
     problems = []
-    _choice(problems, 'mode', config.mode, ('classify', 'report', 'label_correctness'))
+    _choice(problems, 'mode', config.mode, ('classify', 'report', 'label_correctness',
+                                            'predict'))
+    if config.mode == 'predict':
+        _choice(problems, 'predict.kind', config.predict.kind, ('sae', 'hidden', 'tfidf'))
     if config.mode == 'label_correctness':
         _choice(problems, 'correctness.answer_kind', config.correctness.answer_kind,
                 ('exact', 'choice'))

@@ -110,6 +110,11 @@ def init_distributed(opts: ProcessOptions) -> None:
                  jax.process_count(), jax.local_devices())
 
 
+def single_process() -> bool:
+    """True unless this is one process of a multi-host job."""
+    return jax.process_count() == 1
+
+
 def is_writer() -> bool:
     """Only process 0 writes result files."""
     return jax.process_index() == 0

@@ -90,9 +90,11 @@ def read_csv(path: str) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def write_csv(path: str, rows: list[dict], fields: Sequence[str]) -> None:
+def write_csv(path: str, rows: list[dict], fields: Sequence[str], *,
+              float_format: str = '.4f') -> None:
     """An atomic CSV with columns `fields`, then every other key a row has (nothing a row
-    carries is dropped); floats to 4 decimals (NaN stays 'nan'), missing values empty."""
+    carries is dropped); floats as `float_format` (scores: 4 decimals; probabilities
+    '.9g', float32 exactly), missing values empty."""
     fields = list(fields)
     known = set(fields)
     for r in rows:
@@ -101,7 +103,7 @@ def write_csv(path: str, rows: list[dict], fields: Sequence[str]) -> None:
     w = csv.DictWriter(buf, fieldnames=fields, restval='')
     w.writeheader()
     for r in rows:
-        w.writerow({k: _cell(v) for k, v in r.items()})
+        w.writerow({k: _cell(v, float_format) for k, v in r.items()})
     checkpoint.atomic_write_text(path, buf.getvalue())
 
 
@@ -280,12 +282,12 @@ def summary_fields(metric_names=SUMMARY_METRICS) -> tuple[str, ...]:
 SUMMARY_FIELDS = summary_fields()
 
 
-def _cell(v) -> str:
-    """A summary.csv value: floats to 4 decimals (NaN stays 'nan'), None empty."""
+def _cell(v, float_format: str = '.4f') -> str:
+    """A CSV value: floats as `float_format` (4 decimals; NaN stays 'nan'), None empty."""
     if v is None:
         return ''
     if isinstance(v, (float, np.floating)):
-        return f'{float(v):.4f}'
+        return format(float(v), float_format)
     return str(v.item() if isinstance(v, np.generic) else v)
 
 

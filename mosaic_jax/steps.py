@@ -12,8 +12,9 @@ single) is `parallel.Devices`' business; nothing here branches on the device cou
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
+from absl import logging
 import flax.nnx as nnx
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from mosaic_jax import features
 from mosaic_jax import parallel
+from mosaic_jax import store
 from mosaic_jax.data import batching
 from mosaic_jax.probing import probe
 from mosaic_jax.sae import jumprelu
@@ -166,16 +168,20 @@ class Extractor:
 
 
 def extract(extractor: Extractor, batches: Iterable[batching.Batch], n: int, *, bos_id,
-            include_special, progress: bool = True,
-            total: int | None = None) -> dict[FeatureKey, np.ndarray]:
+            include_special, progress: bool = True, total: int | None = None,
+            sink: Callable[[np.ndarray, dict], None] | None = None
+            ) -> dict[FeatureKey, np.ndarray] | None:
     """Pooled features of a whole dataset, batch by batch; never holds [N, T, F].
 
     Args:
       batches: batching.Batch items (input_ids, attention_mask, index, valid).
       n: number of texts; every index in [0, n) must appear once among valid rows.
       total: number of batches, for the progress bar's total and ETA.
+      sink: when given, called with (row indices, {key: rows}) per batch instead of
+        collecting the rows (the feature store writes them as they come); the batches
+        then need not cover every row.
     Returns:
-      Variant / HiddenVariant -> [N, F] arrays in dataset order.
+      Variant / HiddenVariant -> [N, F] arrays in dataset order (None with a sink).
     """
     store: dict[FeatureKey, np.ndarray] = {}
     seen = np.zeros(n, bool)
@@ -184,14 +190,149 @@ def extract(extractor: Extractor, batches: Iterable[batching.Batch], n: int, *, 
         out = extractor(b.input_ids, b.attention_mask, fmask)
         valid = np.asarray(b.valid, bool)
         idx = np.asarray(b.index)[valid]
+        if sink is not None:
+            sink(idx, {k: v[valid] for k, v in out.items()})
+            continue
+        seen[idx] = True
         for k, v in out.items():
             if k not in store:
                 store[k] = np.zeros((n,) + v.shape[1:], v.dtype)
             store[k][idx] = v[valid]
-        seen[idx] = True
+    if sink is not None:
+        return None
     if not seen.all():
         raise RuntimeError(f'{(~seen).sum()} texts were never extracted')
     return store
+
+
+# ----------------------------------------------------------------------------------------
+# Extraction through the feature store
+# ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StoreGroup:
+    """One group of the feature store: the variants of one SAE, or one layer's hidden
+    poolings, and the store name that fingerprints them (store.digest)."""
+    name: str
+    keys: tuple[FeatureKey, ...]
+    info: dict
+
+
+def store_groups(spec: FeatureSpec, model_fp: Any, sae_fps: dict, *, bos_id,
+                 include_special: bool) -> list[StoreGroup]:
+    """The store groups of a spec: every input that changes the numbers is in the name."""
+    base = dict(format=store.FORMAT, model=model_fp, include_special=bool(include_special),
+                bos_id=bos_id)
+    out = []
+    for key, li in spec.saes:
+        mine = tuple(v for v in spec.variants if v.sae == key)
+        ident = dict(base, block=spec.layers[li], sae=sae_fps[key],
+                     variants=[v.name for v in mine], threshold=spec.threshold)
+        out.append(StoreGroup(store.digest(ident), mine,
+                              dict(kind='sae', layer=key.layer, width=key.width,
+                                   sae=str(sae_fps[key]), model=str(model_fp)[:300])))
+    for li, block in enumerate(spec.layers):
+        mine = tuple(hv for hv, i in spec.hidden if i == li)
+        if mine:
+            ident = dict(base, block=block, hidden=[hv.name for hv in mine])
+            out.append(StoreGroup(store.digest(ident), mine,
+                                  dict(kind='hidden', layer=mine[0].layer,
+                                       model=str(model_fp)[:300])))
+    return out
+
+
+def _restrict(spec: FeatureSpec, keys: set) -> FeatureSpec:
+    """The spec computing only `keys` (the store's missing groups)."""
+    return dataclasses.replace(
+        spec, saes=tuple((k, i) for k, i in spec.saes
+                         if any(v.sae == k and v in keys for v in spec.variants)),
+        variants=tuple(v for v in spec.variants if v in keys),
+        hidden=tuple((hv, i) for hv, i in spec.hidden if hv in keys))
+
+
+def extract_stored(model, sae_params: dict, spec: FeatureSpec, devices: parallel.Devices,
+                   groups: Sequence[StoreGroup], opts: store.StoreOptions, token_ids,
+                   batches: Iterable[batching.Batch], *, bos_id, include_special,
+                   progress: bool = True) -> store.StoredFeatures:
+    """`extract` through the store: texts whose features are stored are read, the rest
+    computed (only for the groups that miss them) and written shard by shard, so a killed
+    run resumes where its last shard ended.
+
+    Args:
+      batches: the batches an in-memory extraction of all `token_ids` would run. Only
+        those holding a missing text are computed, whole, so every feature equals the
+        uninterrupted run's bit for bit (a text's padded length is the same).
+    """
+    keys = store.text_keys(token_ids)
+    opened = {g.name: store.Group.open(opts.root, g.name, [k.name for k in g.keys], g.info)
+              for g in groups}
+    need = {g.name: opened[g.name].missing(keys) for g in groups}
+    todo = [g for g in groups if len(need[g.name])]
+    missing = np.zeros(len(keys), bool)
+    for g in todo:
+        missing[need[g.name]] = True
+    n, n_missing = len(keys), int(missing.sum())
+    if not n_missing:
+        logging.info('feature store: all %d texts read from the store; nothing extracted', n)
+    else:
+        if n_missing < n:
+            logging.info('feature store: resuming: %d of %d texts already stored, computing %d',
+                         n - n_missing, n, n_missing)
+        logging.info('feature store: computing %d of %d feature groups (%s)', len(todo),
+                     len(groups), ', '.join(str(g.info.get('sae') or f"hidden layer "
+                                                f"{g.info.get('layer')}") for g in todo))
+        run = [b for b in batches
+               if missing[np.asarray(b.index)[np.asarray(b.valid, bool)]].any()]
+        sub = _restrict(spec, {k for g in todo for k in g.keys})
+        ex = Extractor(model, {k: sae_params[k] for k, _ in sub.saes}, sub, devices)
+        sink = _ShardSink([opened[g.name] for g in todo], todo,
+                          {g.name: need[g.name] for g in todo}, keys, opts.shard_texts)
+        extract(ex, run, n, bos_id=bos_id, include_special=include_special,
+                progress=progress, total=len(run), sink=sink)
+        sink.flush()
+        if (left := int((missing & ~sink.seen(n)).sum())):
+            raise RuntimeError(f'{left} texts were never extracted')
+    return store.StoredFeatures({k: (opened[g.name], k.name) for g in groups for k in g.keys},
+                                keys, n_computed=n_missing)
+
+
+class _ShardSink:
+    """Buffers extracted rows per group and writes a shard every `shard_texts` texts
+    (whole batches: a shard never ends inside a batch)."""
+
+    def __init__(self, groups, specs, need: dict, keys, shard_texts: int):
+        self.groups, self.specs, self.keys = groups, specs, keys
+        self.need = {name: set(v.tolist()) for name, v in need.items()}
+        self.shard_texts = max(1, int(shard_texts))
+        self.buf: list[tuple[np.ndarray, dict]] = []
+        self.done: list[np.ndarray] = []
+        self.count = 0
+
+    def __call__(self, idx: np.ndarray, out: dict) -> None:
+        self.buf.append((idx, out))
+        self.count += len(idx)
+        if self.count >= self.shard_texts:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buf:
+            return
+        rows = np.concatenate([r for r, _ in self.buf])
+        for group, spec in zip(self.groups, self.specs):
+            keep = np.asarray([r in self.need[spec.name] for r in rows], bool)
+            if keep.any():
+                values = {k.name: np.concatenate([o[k] for _, o in self.buf])[keep]
+                          for k in spec.keys}
+                group.write(self.keys[rows[keep]], values)
+                self.need[spec.name] -= set(rows[keep].tolist())  # a copy's key: written once
+        self.done.append(rows)
+        self.buf, self.count = [], 0
+
+    def seen(self, n: int) -> np.ndarray:
+        out = np.zeros(n, bool)
+        for rows in self.done:
+            out[rows] = True
+        return out
 
 
 # ----------------------------------------------------------------------------------------

@@ -422,20 +422,8 @@ def _dedupe(texts: list[str], labels: list[Any]) -> tuple[list[str], list[Any]]:
 # ---------------------------------------------------------------------------------------
 # load.
 # ---------------------------------------------------------------------------------------
-def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
-         max_rows: int = 0, seed: int = 0, group_field: str = '',
-         encoding: str = 'utf-8') -> LabeledTexts:
-    """Loads a dataset spec (see module docstring) as `LabeledTexts`.
-
-    Keyword arguments are fallbacks for fields the spec leaves unset. Rows with an empty or
-    missing text or label are dropped (count logged, kept in `num_dropped`), and with
-    `dedupe=True` in the spec also repeated texts (see `_dedupe`; off by default, as in
-    MOSAIC and sae-probes). `max_rows` > 0 keeps a stratified, seeded subsample in
-    original order. `group_field` names a column kept as `LabeledTexts.groups`.
-    """
-    s = resolve(spec, text_field=text_field, label_field=label_field, max_rows=max_rows,
-                seed=seed, encoding=encoding)
-    check_continuous = s.task == 'auto'
+def _table(s: Spec, check_continuous: bool = False):
+    """(datasets.Dataset, source description, spec with its final name) of a spec."""
     if s.kind == 'sae_probes':
         path = _sae_probes_path(s.location)
         base = os.path.basename(path).removesuffix('.csv.zst')
@@ -454,6 +442,44 @@ def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
             f'[{s.split}]' if s.split else '')
     if isinstance(table, datasets.DatasetDict):  # hub id without split=
         raise ValueError(f'dataset {s.name!r}: give split=, one of {list(table.keys())}')
+    return table, source, s
+
+
+def read_texts(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
+               encoding: str = 'utf-8') -> tuple[str, list[str], np.ndarray, list | None]:
+    """What prediction reads: (name, texts, their row numbers in the file, raw labels or
+    None when the label column is absent). Rows without a text are left out (counted in
+    the log); nothing is deduplicated or subsampled."""
+    s = resolve(spec, text_field=text_field, label_field=label_field, encoding=encoding)
+    table, source, s = _table(s)
+    if s.text_field not in table.column_names:
+        raise ValueError(f'dataset {s.name!r} ({source}): no column {s.text_field!r}; columns '
+                         f'present: {table.column_names}')
+    raw = list(table[s.text_field])
+    labels = list(table[s.label_field]) if s.label_field in table.column_names else None
+    keep = [i for i, t in enumerate(raw) if not _is_missing(t) and str(t).strip()]
+    if len(keep) < len(raw):
+        logging.info('dataset %s: %d of %d rows have no text; left out', s.name,
+                     len(raw) - len(keep), len(raw))
+    return (s.name, [str(raw[i]) for i in keep], np.asarray(keep, np.int64),
+            None if labels is None else [labels[i] for i in keep])
+
+
+def load(spec: Any, *, text_field: str = 'prompt', label_field: str = 'target',
+         max_rows: int = 0, seed: int = 0, group_field: str = '',
+         encoding: str = 'utf-8') -> LabeledTexts:
+    """Loads a dataset spec (see module docstring) as `LabeledTexts`.
+
+    Keyword arguments are fallbacks for fields the spec leaves unset. Rows with an empty or
+    missing text or label are dropped (count logged, kept in `num_dropped`), and with
+    `dedupe=True` in the spec also repeated texts (see `_dedupe`; off by default, as in
+    MOSAIC and sae-probes). `max_rows` > 0 keeps a stratified, seeded subsample in
+    original order. `group_field` names a column kept as `LabeledTexts.groups`.
+    """
+    s = resolve(spec, text_field=text_field, label_field=label_field, max_rows=max_rows,
+                seed=seed, encoding=encoding)
+    check_continuous = s.task == 'auto'
+    table, source, s = _table(s, check_continuous)
     if group_field and s.dedupe:
         raise ValueError(f'dataset {s.name!r}: dedupe=True and group_field cannot be combined '
                          '(splits keep copies together anyway: data.duplicates)')

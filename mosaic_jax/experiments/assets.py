@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from mosaic_jax import models
+from mosaic_jax.models import loading as model_loading
+from mosaic_jax import store
 from mosaic_jax.checks import UserError
 from mosaic_jax.sae import loading as sae_loading
 from mosaic_jax.variants import SAEKey, parse_width
@@ -63,6 +65,23 @@ def load_saes(config, d_model: int) -> dict[SAEKey, Any]:
     """SAEKey -> SAEParams for every SAE of the grid; width checked against its name."""
     return _each_sae(config, lambda src: sae_loading.load_sae(src, d_model=d_model),
                      lambda params: params.width)
+
+
+def model_fingerprint(config) -> list:
+    """What identifies the model's numbers for the feature store: its files (name, size,
+    mtime), dtype and matmul precision."""
+    try:
+        _, path = model_loading.resolve(config.model.path)
+    except (ValueError, FileNotFoundError, OSError):
+        path = config.model.path
+    return [store.path_fingerprint(path), config.model.dtype, config.model.matmul_precision]
+
+
+def sae_fingerprints(config) -> dict[SAEKey, list]:
+    """SAEKey -> the files (or hub reference) of that SAE, for the feature store."""
+    return {key: store.path_fingerprint(resolve_sae_source(config.sae.source, key.layer,
+                                                           key.width))
+            for key in sae_grid(config)}
 
 
 def load_model(config):

@@ -19,17 +19,20 @@ from mosaic_jax import checks
 from mosaic_jax import parallel
 from mosaic_jax import results
 from mosaic_jax import steps
+from mosaic_jax import store as store_lib
 from mosaic_jax.checks import UserError
 from mosaic_jax.data import batching
 from mosaic_jax.data import loading as data_loading
 from mosaic_jax.data import splits as splits_lib
 from mosaic_jax.experiments import assets
 from mosaic_jax.experiments import correctness
+from mosaic_jax.experiments import predict
 from mosaic_jax.experiments import transfer as transfer_lib
 from mosaic_jax.probing import baselines
 from mosaic_jax.probing import evaluation
 from mosaic_jax.probing import feature_selection
 from mosaic_jax.probing import probe
+from mosaic_jax.probing import saved as saved_lib
 from mosaic_jax.probing.evaluation import ProbeOptions, ProbeResult
 from mosaic_jax.report import page as report_page
 from mosaic_jax.variants import SAEKey, Variant
@@ -49,6 +52,11 @@ class Context:
     meta: results.RunMeta
     run_id: str
     writer: bool
+    store: store_lib.StoreOptions = store_lib.StoreOptions()
+    store_groups: tuple = ()
+    fingerprints: tuple = ({}, {})   # (model, {SAEKey: SAE}) for the store and saved probes
+    # (kind, layer, width, variant) -> ProbeResult of the first seed: saved when selected.
+    fitted: dict = dataclasses.field(default_factory=dict)
     # Result writes of this run, done only after every dataset succeeded (a failed run
     # leaves none of its own files behind).
     pending: list = dataclasses.field(default_factory=list)
@@ -60,7 +68,14 @@ class Context:
                                 pad_side=m.pad_side, multiple_of=self.devices.count)
 
     def extract(self, ids, subset=None, progress=True):
+        """Features of `ids` (or of rows `subset`): through the feature store when it is
+        on, else computed in memory."""
         n = len(ids) if subset is None else len(subset)
+        if self.store.enabled and subset is None:
+            return steps.extract_stored(
+                self.model, self.saes, self.spec, self.devices, self.store_groups, self.store,
+                ids, self.batches(ids), bos_id=self.tokenizer.bos_token_id,
+                include_special=self.config.features.include_special, progress=progress)
         return steps.extract(self.extractor, self.batches(ids, subset), n,
                              bos_id=self.tokenizer.bos_token_id,
                              include_special=self.config.features.include_special,
@@ -102,10 +117,15 @@ def _context(config, timings: dict) -> Context:
     saes = assets.load_saes(config, model.config.embed_dim)
     timings['load_model_and_saes'] = time.perf_counter() - t0
     spec = feature_spec(config, saes)
+    fps = (assets.model_fingerprint(config), assets.sae_fingerprints(config))
+    groups = steps.store_groups(spec, *fps, bos_id=tokenizer.bos_token_id,
+                                include_special=config.features.include_special)
     return Context(config, model, tokenizer, saes, spec, devices,
                    steps.Extractor(model, saes, spec, devices),
                    ProbeOptions.from_config(config), results.RunMeta.from_config(config),
-                   run_id, parallel.is_writer())
+                   run_id, parallel.is_writer(),
+                   store_lib.StoreOptions.from_config(config, parallel.single_process()),
+                   tuple(groups), fps)
 
 
 def run(config) -> list[dict]:
@@ -113,6 +133,13 @@ def run(config) -> list[dict]:
     checks.validate(config)
     if config.mode == 'report':
         return _report_only(config)
+    if config.mode == 'predict':
+        check_workdir(config.workdir)
+        parallel.configure_process(parallel.ProcessOptions.from_config(config))
+        folder = run_folder(config, parallel.sync_run_id(config.run_id or results.new_run_id()))
+        rows = predict.run(config, folder)
+        results.write_json(folder, 'config.json', config.to_dict())
+        return rows
     if config.mode == 'label_correctness':
         check_workdir(config.workdir)
         parallel.configure_process(parallel.ProcessOptions.from_config(config))
@@ -269,8 +296,9 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
         t = time.perf_counter()
         feats = ctx.extract(ids)
         timings[f'{name}/extract'] = time.perf_counter() - t
-        logging.info('%s: extracted %d texts (%d tokens) in %.1fs', name, len(ids),
-                     sum(len(i) for i in ids), timings[f'{name}/extract'])
+        done = (feats.n_computed if isinstance(feats, store_lib.StoredFeatures) else len(ids))
+        logging.info('%s: extracted %d texts (%d in the dataset, %d tokens) in %.1fs', name,
+                     done, len(ids), sum(len(i) for i in ids), timings[f'{name}/extract'])
     if ds.groups is not None:
         if feats is None:
             raise UserError(f'dataset {name!r} is grouped (transfer): use probe.train=cached')
@@ -298,9 +326,21 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
                         extract_seconds=timings[f'{name}/extract'])
             seed_rows = _probe_dataset(sctx, prep, feats, meta)
         rows += _mark_selected(seed_rows, seed)
+        if sctx.writer and feats is not None:
+            _save_probes(sctx, prep, rows[-len(seed_rows):])
     timings[f'{name}/{"fused" if feats is None else "probes"}'] = time.perf_counter() - t
     timings[f'{name}/compile'] = parallel.compile_seconds() - compiled
     return rows
+
+
+def _save_probes(ctx: Context, prep: Prepared, rows: list[dict]) -> None:
+    """Queues the selected SAE / hidden / TF-IDF probes of a dataset (probes/<dataset>/)."""
+    for kind, saved in predict.saved_probes(ctx.config, rows, ctx.fitted, prep.ds,
+                                            prep.splits[2], ctx.spec, ctx.fingerprints,
+                                            ctx.tokenizer.bos_token_id):
+        path = saved_lib.folder(_run_folder(ctx), results.safe_name(prep.ds.name), kind)
+        ctx.pending.append(functools.partial(saved_lib.save, path, saved))
+    ctx.fitted.clear()
 
 
 def _mark_selected(rows: list[dict], seed: int, by=('kind',)) -> list[dict]:
@@ -336,6 +376,8 @@ def _hidden_probes(ctx: Context, prep: Prepared, feats, layer: int) -> dict[str,
             out[hv.pooling] = evaluation.fit_variant(
                 hv, feats[hv], prep.ds.labels, prep.splits, opts,
                 num_classes=prep.num_classes, groups=prep.groups)
+            if ctx.writer:
+                ctx.fitted['hidden', int(layer), '-', hv.name] = out[hv.pooling]
     return out
 
 
@@ -368,6 +410,8 @@ def _sae_probes(ctx: Context, prep: Prepared, feats, key: SAEKey, hidden: dict,
                                                num_classes=prep.num_classes,
                                                groups=prep.groups)
             rows.append(_variant_row(prep, 'sae', v, fitted[v], headline=head))
+            if ctx.writer:
+                ctx.fitted['sae', v.layer, v.width, v.name] = fitted[v]
     best = max(fitted.values(), key=lambda r: r.val[head])  # ties: the first variant
     rows += _sparse_probes(ctx, prep, feats[best.key], best.key)
     tree = None
@@ -417,6 +461,8 @@ def _probe_dataset(ctx: Context, prep: Prepared, feats, meta: dict) -> list[dict
                                    num_classes=prep.num_classes, groups=prep.groups)
         rows.append(_row(prep, 'tfidf', res, headline=head, layer='-', width='-',
                          variant='tfidf'))
+        if ctx.writer:
+            ctx.fitted['tfidf', '-', '-', 'tfidf'] = res
     return rows
 
 
@@ -505,9 +551,9 @@ def _transfer_dataset(ctx: Context, ds, feats, out: tuple[list, list]) -> list[d
     for g in groups:
         gr = transfer_lib.group_rows(ds.groups, ds.texts, tuple(sp), g)
         prep = Prepared(ds, gr.splits, [], 0, splits_lib.text_groups(ds.texts))
-        for ident, res, predict in _transfer_methods(ctx, ds, feats, gr):
+        for ident, res, prober in _transfer_methods(ctx, ds, feats, gr):
             ident = dict(ident, dataset=ds.name)
-            out[0].extend(transfer_lib.transfer_rows(res, predict, ds.labels, gr, ctx.opts,
+            out[0].extend(transfer_lib.transfer_rows(res, prober, ds.labels, gr, ctx.opts,
                                                      **ident))
             if ident['kind'] == 'sae':
                 out[1].extend(transfer_lib.feature_overlap(

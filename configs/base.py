@@ -157,6 +157,13 @@ def get_config(arg=None):
     # Bootstrap resamples of every test metric's 95% interval (0 = no intervals).
     c.n_bootstrap = 1000
 
+    # Explanations of each selected SAE probe's top features from the training texts
+    # (experiments/explain.py): <run>/features/<dataset>_layer_<L>_<width>.json and the report.
+    c.explain = ml_collections.ConfigDict()
+    c.explain.enabled = True
+    c.explain.top_k = 10      # features per class, by weight x mean pooled value
+    c.explain.examples = 5    # top-activating training texts per feature (one per text)
+
     # mode='predict': apply a classify run's saved probe (experiments/predict.py) to
     # data.datasets[0]; writes predictions.csv (+ scores when it has a label column).
     c.predict = ml_collections.ConfigDict()

@@ -67,6 +67,12 @@ def runs_dir(workdir: str, model: str) -> str:
     return os.path.join(workdir, safe_name(model), RUNS)
 
 
+def explanations_path(run_folder: str, dataset: str, layer, width) -> str:
+    """<run>/features/<dataset>_layer_<L>_<width>.json: a selected probe's explained features."""
+    return os.path.join(run_folder, 'features',
+                        f'{safe_name(dataset)}_layer_{layer}_{width}.json')
+
+
 def run_folder(workdir: str, model: str, run_id: str) -> str:
     """<workdir>/<model>/_runs/<run_id>: summary, config, timings, splits, transfer, ..."""
     return os.path.join(runs_dir(workdir, model), run_id)

@@ -205,6 +205,41 @@ def extract(extractor: Extractor, batches: Iterable[batching.Batch], n: int, *, 
     return store
 
 
+def token_activations(model, params, block: int, features: Sequence[int],
+                      batches: Iterable[batching.Batch], n: int, *, bos_id,
+                      include_special: bool) -> dict[str, np.ndarray]:
+    """Per text, where a few SAE features fire: the explanation pass.
+
+    Only the chosen features' encoder columns are applied (`jumprelu.encode_features`), so
+    the pass costs the forward to `block` plus a [D, K] matmul.
+
+    Returns:
+      max f32[N, K] (largest activation over the text's pooled tokens), argmax int32[N, K]
+      (its position in the text's token ids), fires int32[N, K] (tokens where it fires), tokens int32[N]
+      (pooled tokens of the text).
+    """
+    idx = np.asarray(features, np.int64)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, params, ids, mask, fmask):
+        resid = nnx.merge(graphdef, state).residuals(ids, mask, (block,))[0]  # [B, L, D]
+        act = jumprelu.encode_features(params, resid, idx) * fmask[..., None]  # [B, L, K]
+        first = jnp.argmax(mask, axis=1)[:, None]  # left padding: positions from the text
+        return act.max(1), act.argmax(1) - first, (act > 0).sum(1), fmask.sum(1)
+
+    out = dict(max=np.zeros((n, len(idx)), np.float32), argmax=np.zeros((n, len(idx)), np.int32),
+               fires=np.zeros((n, len(idx)), np.int32), tokens=np.zeros(n, np.int32))
+    for bt in batches:
+        fmask = feature_mask(bt.input_ids, bt.attention_mask, bos_id, include_special)
+        got = jax.device_get(step(state, params, bt.input_ids, bt.attention_mask, fmask))
+        valid = np.asarray(bt.valid, bool)
+        rows = np.asarray(bt.index)[valid]
+        for key, v in zip(('max', 'argmax', 'fires', 'tokens'), got):
+            out[key][rows] = np.asarray(v)[valid]
+    return out
+
+
 # ----------------------------------------------------------------------------------------
 # Extraction through the feature store
 # ----------------------------------------------------------------------------------------
@@ -230,15 +265,24 @@ def store_groups(spec: FeatureSpec, model_fp: Any, sae_fps: dict, *, bos_id,
                      variants=[v.name for v in mine], threshold=spec.threshold)
         out.append(StoreGroup(store.digest(ident), mine,
                               dict(kind='sae', layer=key.layer, width=key.width,
-                                   sae=str(sae_fps[key]), model=str(model_fp)[:300])))
+                                   sae=store.fingerprint_label(sae_fps[key]),
+                                   model=_model_label(model_fp))))
     for li, block in enumerate(spec.layers):
         mine = tuple(hv for hv, i in spec.hidden if i == li)
         if mine:
             ident = dict(base, block=block, hidden=[hv.name for hv in mine])
             out.append(StoreGroup(store.digest(ident), mine,
                                   dict(kind='hidden', layer=mine[0].layer,
-                                       model=str(model_fp)[:300])))
+                                       model=_model_label(model_fp))))
     return out
+
+
+def _model_label(model_fp: Any) -> str:
+    """The model path of a model fingerprint ([path fingerprint, dtype, precision])."""
+    try:
+        return store.fingerprint_label(model_fp[0])
+    except (TypeError, IndexError, KeyError):
+        return str(model_fp)[:200]
 
 
 def _restrict(spec: FeatureSpec, keys: set) -> FeatureSpec:

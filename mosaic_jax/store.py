@@ -83,6 +83,12 @@ def path_fingerprint(path: str) -> list:
     return [os.path.abspath(path), out] if out else [path]  # a hub reference stays a string
 
 
+def fingerprint_label(fp: list) -> str:
+    """The path (or hub reference) a `path_fingerprint` names, for people."""
+    head = fp[0] if fp else ''
+    return head if isinstance(head, str) else str(head[0])
+
+
 def text_keys(token_ids: Sequence[Sequence[int]]) -> np.ndarray:
     """uint8[N, KEY_BYTES]: one key per text, a hash of its token ids."""
     out = np.zeros((len(token_ids), KEY_BYTES), np.uint8)

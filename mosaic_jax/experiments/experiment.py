@@ -15,6 +15,7 @@ import time
 from absl import logging
 import numpy as np
 
+from mosaic_jax import checkpoint
 from mosaic_jax import checks
 from mosaic_jax import parallel
 from mosaic_jax import results
@@ -26,6 +27,7 @@ from mosaic_jax.data import loading as data_loading
 from mosaic_jax.data import splits as splits_lib
 from mosaic_jax.experiments import assets
 from mosaic_jax.experiments import correctness
+from mosaic_jax.experiments import explain as explain_lib
 from mosaic_jax.experiments import predict
 from mosaic_jax.experiments import transfer as transfer_lib
 from mosaic_jax.probing import baselines
@@ -327,10 +329,35 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
             seed_rows = _probe_dataset(sctx, prep, feats, meta)
         rows += _mark_selected(seed_rows, seed)
         if sctx.writer and feats is not None:
+            t_explain = time.perf_counter()
+            _explain(sctx, prep, rows[-len(seed_rows):], feats)
+            timings[f'{name}/explain'] = time.perf_counter() - t_explain
             _save_probes(sctx, prep, rows[-len(seed_rows):])
     timings[f'{name}/{"fused" if feats is None else "probes"}'] = time.perf_counter() - t
     timings[f'{name}/compile'] = parallel.compile_seconds() - compiled
     return rows
+
+
+def _explain(ctx: Context, prep: Prepared, rows: list[dict], feats) -> None:
+    """Queues the feature explanations of the dataset's selected SAE probe (explain.py)."""
+    e = ctx.config.explain
+    chosen = [r for r in rows if r['kind'] == 'sae' and r.get('selected')]
+    if not e.enabled or not chosen:
+        return
+    r = chosen[0]
+    res = ctx.fitted['sae', r['layer'], r['width'], r['variant']]
+    key = res.key.sae
+    max_v = Variant(key, 'max')
+    out = explain_lib.explain(
+        ctx.model, ctx.tokenizer, ctx.saes[key], ctx.spec.layers[dict(ctx.spec.saes)[key]],
+        res, feats[res.key], prep.ids, prep.ds.labels, prep.splits[0], prep.ds.label_names,
+        lambda rows: ctx.batches(prep.ids, rows), bos_id=ctx.tokenizer.bos_token_id,
+        include_special=ctx.config.features.include_special, k=int(e.top_k),
+        examples=int(e.examples), max_pooled=feats[max_v] if max_v in feats else None)
+    path = results.explanations_path(_run_folder(ctx), prep.ds.name, key.layer, key.width)
+    ctx.pending.append(functools.partial(checkpoint.atomic_write_json, path,
+                                         dict(out, dataset=prep.ds.name, layer=key.layer,
+                                              width=key.width)))
 
 
 def _save_probes(ctx: Context, prep: Prepared, rows: list[dict]) -> None:

@@ -123,8 +123,8 @@ def _features_html(page: _Page, run: read.Run, view: read.DatasetView, best: dic
         f'Gemma Scope SAE: feature indices link to Neuronpedia ({html.escape(model_id)}).'
         if model_id else 'Not a Gemma Scope SAE: no Neuronpedia pages.') + '</p>')
 
-    def link(i: int, w: float) -> _Html:
-        text = html.escape(f'#{i} ({w:+.3g})')
+    def link(i: int, w: float | None = None) -> _Html:
+        text = html.escape(f'#{i}' if w is None else f'#{i} ({w:+.3g})')
         if not model_id:
             return _Html(text)
         # The SAE's layer is the config layer filled into sae.source, whatever the
@@ -142,6 +142,34 @@ def _features_html(page: _Page, run: read.Run, view: read.DatasetView, best: dic
                           f'{len(classes)} classes; the table lists all.'))
     page.figure(report_plots.plot_top_features(tops, f'{view.name}: {where}'),
                 f'{stem}-features', f'top features {view.name}', 'No features to plot.')
+    _explanations_html(page, read.explanations(run, view.name, best['layer'], best['width']),
+                       link)
+
+
+def _example_html(x: dict) -> str:
+    """One top-activating context, the firing token highlighted."""
+    c, (a, b) = x['context'], x['token_span']
+    return (f"{html.escape(c[:a])}<mark>{html.escape(c[a:b])}</mark>{html.escape(c[b:])} "
+            f"<small>({x['activation']:.3g}, text {x['text_index']})</small>")
+
+
+def _explanations_html(page: _Page, ex: dict | None, name) -> None:
+    """Each top feature with the training contexts where it fires most (explain.py)."""
+    page.add('<h4>What the top features respond to (training texts)</h4>')
+    if not ex:
+        page.add(_missing('No feature explanations in this run (explain.enabled).'))
+        return
+    page.add(f"<p>Ranked by weight x mean pooled value; weight {html.escape(ex['weight_sign'])}. "
+             'Density: share of training texts where the feature fires.</p>')
+    for label, entries in ex['classes'].items():
+        rows = [[_Html(name(e['feature'])), f"{e['weight']:+.3g}", f"{e['density']:.2f}",
+                 ', '.join(f'{k}: {v:.3g}' for k, v in e['class_means'].items()
+                           if v is not None),
+                 _Html('<br>'.join(_example_html(x) for x in e['examples']))]
+                for e in entries]
+        page.add(f'<h5>towards {html.escape(label)}</h5>')
+        page.add(_table(['feature', 'weight', 'density', 'mean per class', 'top contexts'],
+                        rows, 'features') if rows else _missing('No feature pushes this way.'))
 
 
 def _plots_html(page: _Page, view: read.DatasetView, best: dict | None, stem: str) -> None:

@@ -300,6 +300,12 @@ def neuronpedia_model_id(model_path: str, sae_source: str) -> str | None:
     return f"gemma-2-{m.group(1)}{'-it' if m.group(2) == 'it' else ''}" if m else None
 
 
+def explanations(run: Run, dataset: str, layer, width) -> dict | None:
+    """The run's feature explanations of one SAE (experiments/explain.py), or None."""
+    path = results.explanations_path(run.folder, dataset, layer, width)
+    return checkpoint.read_json(path) if os.path.isfile(path) else None
+
+
 def top_features(linear_probe: dict, class_names: list[str], k: int = TOP_K
                  ) -> dict[str, list[tuple[int, float]]]:
     """Top-`k` SAE features by probe weight for each class.

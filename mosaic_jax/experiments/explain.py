@@ -1,0 +1,110 @@
+"""Feature explanations: what the top features of a selected SAE probe respond to, read
+from the run's own training texts.
+
+For the selected SAE probe of a dataset, the top `k` features per class are ranked by
+score = (raw probe weight towards the class) x (mean pooled value of the feature over the
+training texts), i.e. how much the feature moves an average training text towards the
+class. For a binary probe (one logit) the weight towards class 1 is w and towards class 0
+is -w; `weight` in the output is always signed towards the positive class (label 1).
+One extra pass over the training texts encodes only those features' encoder columns
+(`steps.token_activations`) and keeps, per feature:
+  * up to `examples` top-activating texts (one example per text: its maximum over tokens),
+    with the firing token and a window of `context` tokens around it;
+  * density: the share of training texts where it fires;
+  * class_means: the mean pooled value per class (what the probe reads).
+Written to `<run>/features/<dataset>_layer_<L>_<width>.json` as
+  {"classes": {label: [{"feature", "weight", "score", "density", "class_means",
+                        "examples": [{"text_index", "token", "context", "token_span",
+                                      "activation"}]}]}, ...}.
+When the run pooled the SAE with 'max' too (the default), the top texts and densities come
+from those stored features and the pass runs over the top texts only.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from mosaic_jax import steps
+from mosaic_jax.probing import probe
+
+CONTEXT = (8, 4)  # tokens kept before / after the firing token
+
+
+def ranked(coef: np.ndarray, mean: np.ndarray, class_names, k: int) -> dict[str, list]:
+    """label -> [(feature, weight towards the positive class / the class, score)], best
+    first, only features with a positive score (they push an average text that way)."""
+    out = {}
+    for c, name in enumerate(class_names):
+        if coef.shape[1] == 1:
+            w_pos = coef[:, 0]
+            towards = w_pos if c == 1 else -w_pos
+        else:
+            w_pos = towards = coef[:, c]
+        score = towards * mean
+        order = [int(j) for j in np.argsort(-score, kind='stable')[:k] if score[j] > 0]
+        out[str(name)] = [(j, float(w_pos[j]), float(score[j])) for j in order]
+    return out
+
+
+def _context(tokenizer, ids, pos: int) -> dict:
+    """The firing token and a window around it, decoded; token_span marks the token."""
+    a, b = max(0, pos - CONTEXT[0]), min(len(ids), pos + CONTEXT[1] + 1)
+    left = tokenizer.decode(list(ids[a:pos]), skip_special_tokens=True)
+    tok = tokenizer.decode([int(ids[pos])], skip_special_tokens=False)
+    right = tokenizer.decode(list(ids[pos + 1:b]), skip_special_tokens=True)
+    return dict(token=tok, context=left + tok + right,
+                token_span=[len(left), len(left) + len(tok)])
+
+
+def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: np.ndarray,
+            train: np.ndarray, class_names, batches_fn, *, bos_id, include_special: bool,
+            k: int = 10, examples: int = 5, max_pooled: np.ndarray | None = None) -> dict:
+    """The explanations JSON of one selected SAE probe (see module docstring).
+
+    Args:
+      res: the probe's evaluation.ProbeResult; x: its pooled features [N, F] (all rows);
+      ids: token ids of all rows; train: the training rows; batches_fn: rows -> batches.
+      max_pooled: the same SAE's max-pooled features [N, F] when the run has them: then
+        the top texts and the density are read from them and the pass runs over those top
+        texts only (it finds the firing token), not over every training text.
+    """
+    train = np.asarray(train)
+    xt = np.asarray(x[train], np.float32)
+    coef = probe.raw_coef(res.params)[0]
+    tops = ranked(coef, xt.mean(0), class_names, k)
+    feats = sorted({j for v in tops.values() for j, _, _ in v})
+    if not feats:
+        return dict(classes={c: [] for c in tops}, n_train=len(train))
+    if max_pooled is not None:
+        m_all = np.asarray(max_pooled[train][:, feats], np.float32)     # [n_train, K]
+        top = {j: [r for r in np.argsort(-m_all[:, i], kind='stable')[:examples]
+                   if m_all[r, i] > 0] for i, j in enumerate(feats)}
+        rows = np.asarray(sorted({r for v in top.values() for r in v}), np.int64)
+    else:
+        m_all, top, rows = None, None, np.arange(len(train))
+    acts = steps.token_activations(model, sae, block, feats, batches_fn(train[rows]),
+                                   len(rows), bos_id=bos_id, include_special=include_special)
+    where = {int(r): i for i, r in enumerate(rows)}  # training position -> pass row
+    y = np.asarray(labels)[train]
+    out = {}
+    for name, entries in tops.items():
+        out[name] = []
+        for j, w, score in entries:
+            i = feats.index(j)
+            if m_all is None:
+                m = acts['max'][:, i]
+                best = [r for r in np.argsort(-m, kind='stable')[:examples] if m[r] > 0]
+                density = float((m > 0).mean())
+            else:
+                best, density = top[j], float((m_all[:, i] > 0).mean())
+            ex = [dict(text_index=int(train[r]), activation=float(acts['max'][where[r], i]),
+                       **_context(tokenizer, ids[train[r]], int(acts['argmax'][where[r], i])))
+                  for r in best]
+            out[name].append(dict(
+                feature=j, weight=w, score=score, density=density,
+                class_means={str(c): float(xt[y == ci, j].mean()) if (y == ci).any() else None
+                             for ci, c in enumerate(class_names)},
+                examples=ex))
+    return dict(classes=out, n_train=len(train), n_pass_texts=len(rows),
+                variant=res.key.name,
+                weight_sign='towards the positive class (label 1)' if coef.shape[1] == 1
+                else 'towards the class')

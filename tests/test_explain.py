@@ -1,0 +1,85 @@
+"""experiments/explain.py: feature ranking, the explanation pass against the full extraction,
+and the explanations a run writes."""
+import csv
+import glob
+import json
+
+import numpy as np
+import pytest
+
+from mosaic_jax import steps
+from mosaic_jax.data import batching
+from mosaic_jax.experiments import explain
+from mosaic_jax.variants import SAEKey, Variant
+from tests import test_pipeline
+from tests.test_pipeline import loaded, tiny  # noqa: F401  (fixtures)
+
+
+def test_ranked_binary_signs_and_multiclass():
+    coef = np.array([[2.0], [-3.0], [0.5], [1.0]])    # one logit: towards class 1
+    mean = np.array([1.0, 1.0, 4.0, 0.0])             # feature 3 never fires: no push
+    got = explain.ranked(coef, mean, ['neg', 'pos'], k=3)
+    assert [j for j, _, _ in got['pos']] == [0, 2] and [j for j, _, _ in got['neg']] == [1]
+    assert got['neg'][0][1] == -3.0  # the weight stays signed towards the positive class
+    multi = explain.ranked(np.array([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]]), np.ones(2), 'abc', 2)
+    assert [j for j, _, _ in multi['a']] == [0] and multi['c'] == []
+
+
+@pytest.mark.parametrize('pad_side', ['right', 'left'])
+def test_token_pass_matches_the_extracted_max_pooling(loaded, pad_side):  # noqa: F811
+    key = SAEKey(2, str(test_pipeline.WIDTH))
+    spec = loaded['spec']
+    block = spec.layers[dict(spec.saes)[key]]
+    feats = test_pipeline._extract(loaded, 'single')
+    full = feats[Variant(key, 'max')]
+    chosen = [int(j) for j in np.argsort(-full.max(0))[:6]]
+    rows = np.arange(0, len(loaded['ids']), 3)
+    batches = batching.batches([loaded['ids'][i] for i in rows], 16,
+                               pad_id=loaded['tok'].pad_token_id, pad_side=pad_side)
+    got = steps.token_activations(loaded['model'], loaded['saes'][key], block, chosen,
+                                  batches, len(rows), bos_id=loaded['tok'].bos_token_id,
+                                  include_special=False)
+    # Same forward and encoder columns: equal up to float32 rounding of different programs.
+    np.testing.assert_allclose(got['max'], full[rows][:, chosen], rtol=1e-5, atol=1e-5)
+    assert (got['tokens'] == [len(loaded['ids'][i]) - 1 for i in rows]).all()  # BOS left out
+    fired = got['max'] > 0
+    assert fired.any() and (got['argmax'][fired] >= 1).all()  # in the text's ids, never BOS
+    for r, i in enumerate(rows):  # positions lie inside the text
+        ids = np.asarray(loaded['ids'][i])
+        assert (got['argmax'][r][fired[r]] < len(ids)).all()
+
+
+@pytest.mark.parametrize('pooling', ["('mosaic','mean','max')", "('mean',)"])
+def test_run_writes_explanations_from_training_texts(tiny, tmp_path, pooling):  # noqa: F811
+    # With a max-pooled variant the pass reads only the top texts; without, every one.
+    r = test_pipeline._main(tiny, tmp_path, '--config.run_id=e', '--config.cv_folds=0',
+                            "--config.baselines=('tfidf',)", '--config.explain.examples=3',
+                            '--config.report=True', f'--config.features.pooling={pooling}')
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path / 'tiny' / '_runs' / 'e'
+    files = glob.glob(str(run / 'features' / '95_toxic_is_layer_*_*.json'))
+    assert len(files) == 1, files
+    out = json.load(open(files[0]))
+    train = {int(s['index']) for s in csv.DictReader(
+        open(run / 'splits' / '95_toxic_is.csv')) if s['split'] == 'train'}
+    entries = [e for v in out['classes'].values() for e in v]
+    assert entries and len(out['classes']) == 2
+    n_texts = {e['examples'][0]['text_index'] for e in entries if e['examples']}
+    if 'max' in pooling:
+        assert out['n_pass_texts'] <= 3 * len(entries) < out['n_train']
+    else:
+        assert out['n_pass_texts'] == out['n_train'] and n_texts
+    for e in entries:
+        assert 0 <= e['density'] <= 1 and set(e['class_means']) == set(out['classes'])
+        assert len(e['examples']) <= 3
+        acts = [x['activation'] for x in e['examples']]
+        assert acts == sorted(acts, reverse=True) and all(a > 0 for a in acts)
+        for x in e['examples']:
+            assert x['text_index'] in train  # explanations never read test texts
+            a, b = x['token_span']
+            assert x['context'][a:b] == x['token']
+        assert len({x['text_index'] for x in e['examples']}) == len(e['examples'])
+    page = open(tmp_path / 'report.html').read()  # the report shows them, token marked
+    assert 'What the top features respond to' in page and '<mark>' in page
+    timings = json.load(open(run / 'timings.json'))
+    assert '95_toxic_is/explain' in ' '.join(timings)

@@ -464,3 +464,27 @@ def test_report_plots_draw_error_bars_and_write_pngs(with_intervals, tmp_path):
     assert report_plots.plot_by_layer('x', [], {}) is None
     assert report_plots.plot_bars('x', [], {}) is None
     assert os.listdir(tmp_path) and not any(n.startswith('.tmp-') for n in os.listdir(tmp_path))
+    # A layer/width cell without an SAE draws no panel (only the colorbar and real panels).
+    sae_cells = {(r['layer'], r['width']) for r in view.rows if r['kind'] == 'sae'}
+    drop = sorted(sae_cells, key=str)[0]
+    gone = [r for r in view.rows if not (r['kind'] == 'sae' and (r['layer'], r['width']) == drop)]
+    cells_left = sae_cells - {drop}
+    grid = len({l for l, _ in cells_left}) * len({w for _, w in cells_left})
+    assert grid > len(cells_left)  # the grid has a hole where the dropped SAE was
+    fig = report_plots.plot_heatmaps(view.name, gone)
+    shown = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    assert len(shown) == len(cells_left) and all('layer' in ax.get_title() for ax in shown)
+
+
+def test_sparse_curve_one_line_per_sae_over_k():
+    rows = [dict(kind='sparse', layer=l, width='4k', k=k, macro_f1=0.5 + 0.01 * k + 0.1 * l,
+                 macro_f1_lo=0.4, macro_f1_hi=0.9)
+            for l in (3, 8) for k in (1, 5, 16)] + [dict(kind='sae', layer=3, width='4k', k=None,
+                                                          macro_f1=0.9)]
+    fig = report_plots.plot_sparse_curve('ds', rows)
+    lines = fig.axes[0].get_lines()
+    xs = sorted(tuple(int(x) for x in line.get_xdata()) for line in lines
+                if line.get_marker() == 'o')
+    assert xs == [(1, 5, 16), (1, 5, 16)]  # one line per SAE, every k
+    assert sum(isinstance(c, ErrorbarContainer) for c in fig.axes[0].containers) == 2
+    assert report_plots.plot_sparse_curve('ds', rows[-1:]) is None

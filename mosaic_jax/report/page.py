@@ -196,6 +196,10 @@ def _plots_html(page: _Page, view: read.DatasetView, best: dict | None, stem: st
     page.figure(report_plots.plot_heatmaps(view.name, view.rows, only), f'{stem}-heatmap',
                 f'pooling heatmap {view.name}',
                 'No SAE probe variants (cached training) to show.')
+    if any(r['kind'] == 'sparse' for r in view.rows):
+        page.add('<h4>k-sparse probes: macro-F1 against k</h4>')
+        page.figure(report_plots.plot_sparse_curve(view.name, view.rows), f'{stem}-sparse',
+                    f'k-sparse curve {view.name}', 'No k-sparse probe rows.')
 
 
 def _dataset_html(page: _Page, run: read.Run, view: read.DatasetView) -> None:

@@ -146,9 +146,28 @@ def _pooling_label(r: dict) -> str:
     return str(r['pooling']) + (f" top{r['top_n']}" if r.get('top_n') else '')
 
 
+def plot_sparse_curve(name: str, rows: list[dict]) -> Figure | None:
+    """Test macro-F1 of the k-sparse probes against k (log scale), one line per SAE
+    (its chosen variant), each with its interval; None without sparse rows."""
+    sparse = [r for r in rows if r['kind'] == 'sparse' and r.get('k')]
+    if not sparse:
+        return None
+    fig = _figure(6.4, 3.8)
+    ax = fig.add_subplot()
+    for layer, width in sorted({(r['layer'], r['width']) for r in sparse}, key=str):
+        mine = [(r['k'], r) for r in sparse if (r['layer'], r['width']) == (layer, width)]
+        _line(ax, mine, marker='o', label=_mpl(f'layer {layer}, {width}'))
+    ax.set_xscale('log')
+    ax.set(xlabel='k (features kept)', ylabel='test macro-F1', title=_mpl(name))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize='small', loc='best')
+    return fig
+
+
 def plot_heatmaps(name: str, rows: list[dict],
                   only: tuple[int, str] | None = None) -> Figure | None:
-    """Test macro-F1 of every pooling x binarization, one panel per layer/width."""
+    """Test macro-F1 of every pooling x binarization, one panel per layer/width that has an
+    SAE (a grid cell without one stays empty)."""
     rows = [r for r in rows if r['kind'] == 'sae'
             and (only is None or (r['layer'], r['width']) == only)]
     if not rows:
@@ -162,10 +181,14 @@ def plot_heatmaps(name: str, rows: list[dict],
     fig = _figure(1.2 + 2.3 * len(widths) * max(1, len(bins)) / 2,
                   0.9 + (0.45 * len(pools) + 0.6) * len(layers))
     axes = fig.subplots(len(layers), len(widths), squeeze=False)
+    present = {(r['layer'], r['width']) for r in rows}
     image = None
     for i, layer in enumerate(layers):
         for j, width in enumerate(widths):
             ax = axes[i][j]
+            if (layer, width) not in present:  # no SAE of this width at this layer
+                ax.set_visible(False)
+                continue
             grid = np.full((len(pools), len(bins)), np.nan)
             for r in rows:
                 if (r['layer'], r['width']) == (layer, width):

@@ -81,7 +81,7 @@ def _parse_row(r: dict) -> dict:
         layer=_int_or_none(r.get('layer')),
         width=None if width in ('', '-') else width,
         pooling=None if pooling in ('', '-') else pooling,
-        top_n=_int_or_none(r.get('top_n')),
+        top_n=_int_or_none(r.get('top_n')), k=_int_or_none(r.get('k')),
         binarized=r.get('binarized') in TRUE, selected=r.get('selected') in TRUE,
         C=None if math.isnan(results.to_float(r.get('C'))) else results.to_float(r.get('C')),
         n_train=_int_or_none(r.get('n_train')), n_test=_int_or_none(r.get('n_test')),

@@ -212,15 +212,19 @@ def test_neuronpedia_links_exactly_for_gemma_scope(built):
     assert 'neuronpedia' not in sections['tiny']
     gemma = sections['google_gemma-2-2b']
     links = re.findall(r'href="(https://www\.neuronpedia\.org/[^"]+)"', gemma)
-    assert len(links) == 10 * (2 + 3)  # top 10 per class: binary + 3-class dataset
+    assert len(links) == 10 * (1 + 3)  # binary: one signed column; 3-class: one per class
     # Validation selects layer 1 / 16k (see _scores): its planted features, linked there.
     base = 'https://www.neuronpedia.org/gemma-2-2b/1-gemmascope-res-16k/'
     assert all(l.startswith(base) for l in links)
     p = _planted(1, 0)
     binary, multi = gemma.split('ag&lt;news&gt;&amp;co', 1)
-    top_row = re.search(r'<td>1</td>(.*?)</tr>', binary.split('Top SAE features')[1]).group(1)
-    # Class '0' votes with negative weights; its top feature is the planted -5.
-    assert re.findall(r'/(\d+)">', top_row) == [str(p + 2), str(p + 1)]
+    table = binary.split('Top SAE features')[1]
+    # One logit: the largest |weights|, signed towards class '1' (ties: lower index first).
+    first = re.search(r'<td>1</td>(.*?)</tr>', table).group(1)
+    second = re.search(r'<td>2</td>(.*?)</tr>', table).group(1)
+    assert re.findall(r'/(\d+)">', first) == [str(p + 1)] and '+5' in first
+    assert re.findall(r'/(\d+)">', second) == [str(p + 2)] and '-5' in second
+    assert 'towards 1' in table.split('</table>')[0]
     top_row = re.search(r'<td>1</td>(.*?)</tr>', multi.split('Top SAE features')[1]).group(1)
     assert re.findall(r'/(\d+)">', top_row) == [str(p + 1), str(p + 2), str(p + 3)]
 
@@ -276,8 +280,9 @@ def test_empty_or_missing_workdir_is_a_clear_error(tmp_path):
 
 def test_top_features_binary_signs_and_multiclass():
     lp = dict(feature_analysis=dict(importance_scores=[[0.5, -2.0, 1.0, 0.0]]))
-    tops = report_read.top_features(lp, ['neg', 'pos'], k=2)
-    assert tops == {'neg': [(1, 2.0), (3, -0.0)], 'pos': [(2, 1.0), (0, 0.5)]}
+    tops = report_read.top_features(lp, ['neg', 'pos'], k=3)
+    # One logit: one column, the largest |weights| signed towards the positive class.
+    assert tops == {'towards pos': [(1, -2.0), (2, 1.0), (0, 0.5)]}
     lp = dict(feature_analysis=dict(importance_scores=[[0, 3, 1], [2, 0, 1], [0, 0, 9]]))
     assert [v[0][0] for v in report_read.top_features(lp, ['a', 'b', 'c'], k=1).values()] == [1, 0, 2]
     with pytest.raises(ValueError, match='2 rows for 3 classes'):

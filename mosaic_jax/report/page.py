@@ -136,7 +136,8 @@ def _features_html(page: _Page, run: read.Run, view: read.DatasetView, best: dic
     classes = list(tops)
     table = [[rank + 1] + [link(*tops[c][rank]) if rank < len(tops[c]) else '' for c in classes]
              for rank in range(max(len(v) for v in tops.values()))]
-    page.add(_table(['rank'] + [f'class {c}' for c in classes], table, 'features'))
+    page.add(_table(['rank'] + [c if c.startswith('towards ') else f'class {c}'
+                                for c in classes], table, 'features'))
     if len(classes) > report_plots.MAX_BAR_CLASSES:
         page.add(_missing(f'The chart shows the first {report_plots.MAX_BAR_CLASSES} of '
                           f'{len(classes)} classes; the table lists all.'))

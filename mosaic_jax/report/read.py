@@ -315,7 +315,8 @@ def top_features(linear_probe: dict, class_names: list[str], k: int = TOP_K
         importance_scores` is f[C', F] (C' = 1 for a binary probe: positive weights vote
         for class 1, so class 0's top features are the most negative ones).
     Returns:
-      class name -> [(feature index, weight toward that class)], largest first.
+      class name -> [(feature index, weight toward that class)], largest first; for a
+      binary probe one entry 'towards <class 1>': the k largest |weights|, signed.
     """
     scores = linear_probe.get('feature_analysis', {}).get('importance_scores')
     if not scores:
@@ -328,5 +329,9 @@ def top_features(linear_probe: dict, class_names: list[str], k: int = TOP_K
     else:
         raise ValueError(f'importance_scores has {w.shape[0]} rows for '
                          f'{len(class_names)} classes')
+    if w.shape[0] == 1:  # one logit: one signed column towards the positive class
+        v = w[0]
+        return {f'towards {class_names[1]}': [(int(i), float(v[i])) for i in
+                                              np.argsort(-np.abs(v), kind='stable')[:k]]}
     return {c: [(int(i), float(v[i])) for i in np.argsort(-v, kind='stable')[:k]]
             for c, v in per_class.items()}

@@ -149,11 +149,13 @@ def decode(arrays: Mapping[str, np.ndarray], prefix: str, rows: np.ndarray | Non
         flat = flat if rows is None else flat[rows]
         return flat.astype(dtype).reshape((len(flat),) + shape)
     indptr, indices = arrays[f'{prefix}indptr'], arrays[f'{prefix}indices']
-    rows = np.arange(len(indptr) - 1) if rows is None else np.asarray(rows)
+    rows = np.arange(len(indptr) - 1) if rows is None else np.asarray(rows, np.int64)
+    starts, counts = indptr[rows], indptr[rows + 1] - indptr[rows]
     out = np.zeros((len(rows), width), dtype)
-    for j, r in enumerate(rows):
-        a, b = indptr[r], indptr[r + 1]
-        out[j, indices[a:b]] = data[a:b]
+    if counts.sum():  # every stored entry of the asked rows, in one scatter
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        seg = np.repeat(starts - first, counts) + np.arange(int(counts.sum()))
+        out[np.repeat(np.arange(len(rows)), counts), indices[seg]] = data[seg]
     return out.reshape((len(rows),) + shape)
 
 
@@ -225,16 +227,15 @@ class Group:
     def read(self, name: str, keys: np.ndarray) -> np.ndarray:
         """[len(keys), ...] rows of variant `name`, in the order of `keys` (all stored)."""
         i = self.names.index(name)
-        loc = [self.where[k.tobytes()] for k in keys]
-        parts, order = [], []
-        for s in sorted({s for s, _ in loc}):
-            mine = [j for j, (t, _) in enumerate(loc) if t == s]
-            parts.append(decode(self.shards[s], f'v{i}.', np.asarray([loc[j][1] for j in mine])))
-            order += mine
-        out = np.concatenate(parts)
-        back = np.empty(len(order), np.int64)
-        back[np.asarray(order)] = np.arange(len(order))
-        return out[back]
+        loc = np.asarray([self.where[k.tobytes()] for k in keys], np.int64).reshape(-1, 2)
+        out = None
+        for s in np.unique(loc[:, 0]):
+            mine = np.flatnonzero(loc[:, 0] == s)
+            part = decode(self.shards[s], f'v{i}.', loc[mine, 1])
+            if out is None:
+                out = np.empty((len(keys),) + part.shape[1:], part.dtype)
+            out[mine] = part
+        return out
 
 
 class StoredFeatures(Mapping):

@@ -17,7 +17,11 @@ _WIDTH = re.compile(r'(\d+)([kKmM]?)')
 
 
 def parse_width(width: str | int) -> int:
-    """'16k' -> 16384, '1m' -> 1048576, '128' -> 128 (Gemma Scope's folder names).
+    """'16k' -> 16384, '65k' -> 65536, '1m' -> 1048576, '128' -> 128.
+
+    Gemma Scope names its widths by the power of two, truncated to thousands (65536 is
+    '65k', 131072 '131k', 2**20 '1m'); a 'k' / 'm' name that is no such power is n * 1024
+    (or n * 1024**2).
 
     Raises:
       ValueError: for anything else.
@@ -25,7 +29,14 @@ def parse_width(width: str | int) -> int:
     m = _WIDTH.fullmatch(str(width))
     if not m:
         raise ValueError(f'sae width {width!r} is not like 16k, 65k, 1m or 4096')
-    return int(m.group(1)) * {'': 1, 'k': 1024, 'm': 1024 ** 2}[m.group(2).lower()]
+    n, unit = int(m.group(1)), m.group(2).lower()
+    if not unit:
+        return n
+    scale = 1000 if unit == 'k' else 1000 ** 2
+    for p in range(1, 41):
+        if 2 ** p // scale == n:
+            return 2 ** p
+    return n * (1024 if unit == 'k' else 1024 ** 2)
 
 
 def width_order(width: str) -> tuple:

@@ -2,7 +2,7 @@
 by side), a 65k-wide SAE over 5,000 texts, and the store's size on disk against dense
 float32. Real Gemma 3 270M, the real binary set 106_hate_hate (5,000 tweets).
 
-  python bench/store_memory.py [--out bench/store_memory.json] [--skip_65k]
+  python bench/store_memory.py [--out bench/store_memory.json] [--skip_65k | --only_65k]
 
 Each measurement is one `main.py` run in a fresh process, which reports its own peak RSS. The
 runs share one persistent compile cache, so compile time does not differ between them.
@@ -78,20 +78,24 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument('--out', default=os.path.join(ROOT, 'bench', 'store_memory.json'))
     ap.add_argument('--skip_65k', action='store_true')
+    ap.add_argument('--only_65k', action='store_true', help='just the 65k / 5,000-text run')
     a = ap.parse_args()
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for store_on in (True, False):
+        for store_on in (() if a.only_65k else (True, False)):
             for n in (1000, 4000):
                 tag = f"{'store' if store_on else 'memory'}_{n}"
                 out[tag] = _run(os.path.join(tmp, tag), f'--config.data.max_rows={n}',
                                 "--config.sae.widths=('16k',)",
                                 f'--config.store.enabled={store_on}')
                 print(tag, out[tag], flush=True)
-        for kind in ('store', 'memory'):
-            out[f'{kind}_rss_ratio_4000_vs_1000'] = round(
-                out[f'{kind}_4000']['peak_rss_gib'] / out[f'{kind}_1000']['peak_rss_gib'], 3)
-        out['store_size_4000_texts'] = _store_size(os.path.join(tmp, 'store_4000', '_features'))
+        if not a.only_65k:
+            for kind in ('store', 'memory'):
+                out[f'{kind}_rss_ratio_4000_vs_1000'] = round(
+                    out[f'{kind}_4000']['peak_rss_gib'] / out[f'{kind}_1000']['peak_rss_gib'],
+                    3)
+            out['store_size_4000_texts'] = _store_size(os.path.join(tmp, 'store_4000',
+                                                                    '_features'))
         if not a.skip_65k:
             sae = _random_sae(os.path.join(tmp, 'sae65k', 'layer_8_width_65k'), 65536)
             out['store_65k_5000'] = _run(

@@ -210,7 +210,7 @@ def token_activations(model, params, block: int, features: Sequence[int],
                       include_special: bool) -> dict[str, np.ndarray]:
     """Per text, where a few SAE features fire: the explanation pass.
 
-    Only the chosen features' encoder columns are applied (`jumprelu.encode_features`), so
+    Only the chosen features' encoder columns are applied (an SAE of those columns), so
     the pass costs the forward to `block` plus a [D, K] matmul.
 
     Returns:
@@ -219,25 +219,58 @@ def token_activations(model, params, block: int, features: Sequence[int],
       (pooled tokens of the text).
     """
     idx = np.asarray(features, np.int64)
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def step(state, params, ids, mask, fmask):
-        resid = nnx.merge(graphdef, state).residuals(ids, mask, (block,))[0]  # [B, L, D]
-        act = jumprelu.encode_features(params, resid, idx) * fmask[..., None]  # [B, L, K]
-        first = jnp.argmax(mask, axis=1)[:, None]  # left padding: positions from the text
-        return act.max(1), act.argmax(1) - first, (act > 0).sum(1), fmask.sum(1)
-
+    sub, k = _feature_columns(params, idx), len(idx)
+    step, state = _token_step(model, block)
     out = dict(max=np.zeros((n, len(idx)), np.float32), argmax=np.zeros((n, len(idx)), np.int32),
                fires=np.zeros((n, len(idx)), np.int32), tokens=np.zeros(n, np.int32))
     for bt in batches:
         fmask = feature_mask(bt.input_ids, bt.attention_mask, bos_id, include_special)
-        got = jax.device_get(step(state, params, bt.input_ids, bt.attention_mask, fmask))
+        got = jax.device_get(step(state, sub, bt.input_ids, bt.attention_mask, fmask))
         valid = np.asarray(bt.valid, bool)
         rows = np.asarray(bt.index)[valid]
         for key, v in zip(('max', 'argmax', 'fires', 'tokens'), got):
-            out[key][rows] = np.asarray(v)[valid]
+            v = np.asarray(v)[valid]
+            out[key][rows] = v[:, :k] if v.ndim == 2 else v  # padded columns dropped
     return out
+
+
+_TOKEN_STEPS: dict = {}  # (id(model), block) -> (compiled step, model state): one per run
+
+
+def _token_step(model, block: int):
+    """The explanation pass's compiled step for one model and block (built once; its
+    shapes depend on the batch and on the padded feature count only, so datasets and
+    runs share executables)."""
+    key = (id(model), int(block))
+    if key not in _TOKEN_STEPS:
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def step(state, sub, ids, mask, fmask):
+            resid = nnx.merge(graphdef, state).residuals(ids, mask, (block,))[0]  # [B, L, D]
+            act = jumprelu.encode(sub, resid) * fmask[..., None]                  # [B, L, K]
+            first = jnp.argmax(mask, axis=1)[:, None]  # left padding: positions from the text
+            return act.max(1), act.argmax(1) - first, (act > 0).sum(1), fmask.sum(1)
+        _TOKEN_STEPS.clear()  # another model: drop the old one's state
+        _TOKEN_STEPS[key] = (step, state)
+    return _TOKEN_STEPS[key]
+
+
+def _feature_columns(params, idx: np.ndarray, multiple: int = 64):
+    """An SAE of only the encoder columns `idx`, padded to a multiple of 64 columns with
+    columns that never fire (threshold +inf), so every feature set of a size class shares
+    one program; `jumprelu.encode` of it equals `encode(params)[..., idx]`."""
+    k = len(idx)
+    pad = -(-k // multiple) * multiple - k
+    w = np.asarray(params.w_enc)[:, idx]
+    d = w.shape[0]
+    return jumprelu.SAEParams(
+        w_enc=jnp.asarray(np.pad(w, ((0, 0), (0, pad)))),
+        b_enc=jnp.asarray(np.pad(np.asarray(params.b_enc)[idx], (0, pad))),
+        threshold=jnp.asarray(np.pad(np.asarray(params.threshold)[idx], (0, pad),
+                                     constant_values=np.inf)),
+        w_dec=jnp.zeros((k + pad, d), jnp.float32), b_dec=jnp.asarray(params.b_dec),
+        apply_b_dec_to_input=params.apply_b_dec_to_input)
 
 
 # ----------------------------------------------------------------------------------------

@@ -353,7 +353,8 @@ def _explain(ctx: Context, prep: Prepared, rows: list[dict], feats) -> None:
         res, feats[res.key], prep.ids, prep.ds.labels, prep.splits[0], prep.ds.label_names,
         lambda rows: ctx.batches(prep.ids, rows), bos_id=ctx.tokenizer.bos_token_id,
         include_special=ctx.config.features.include_special, k=int(e.top_k),
-        examples=int(e.examples), max_pooled=feats[max_v] if max_v in feats else None)
+        examples=int(e.examples), max_pooled=feats[max_v] if max_v in feats else None,
+        groups=prep.groups)
     path = results.explanations_path(_run_folder(ctx), prep.ds.name, key.layer, key.width)
     ctx.pending.append(functools.partial(checkpoint.atomic_write_json, path,
                                          dict(out, dataset=prep.ds.name, layer=key.layer,

@@ -8,7 +8,8 @@ class. For a binary probe (one logit) the weight towards class 1 is w and toward
 is -w; `weight` in the output is always signed towards the positive class (label 1).
 One extra pass over the training texts encodes only those features' encoder columns
 (`steps.token_activations`) and keeps, per feature:
-  * up to `examples` top-activating texts (one example per text: its maximum over tokens),
+  * up to `examples` top-activating texts (one example per distinct text, copies counted
+    once: its maximum over tokens),
     with the firing token and a window of `context` tokens around it;
   * density: the share of training texts where it fires;
   * class_means: the mean pooled value per class (what the probe reads).
@@ -45,6 +46,20 @@ def ranked(coef: np.ndarray, mean: np.ndarray, class_names, k: int) -> dict[str,
     return out
 
 
+def _top_rows(m: np.ndarray, n: int, groups: np.ndarray | None) -> list[int]:
+    """The n rows with the largest m > 0, at most one per text (copies of a text share a
+    group id), best first."""
+    out, seen = [], set()
+    for r in np.argsort(-m, kind='stable'):
+        if m[r] <= 0 or len(out) == n:
+            break
+        g = r if groups is None else groups[r]
+        if g not in seen:
+            seen.add(g)
+            out.append(int(r))
+    return out
+
+
 def _context(tokenizer, ids, pos: int) -> dict:
     """The firing token and a window around it, decoded; token_span marks the token."""
     a, b = max(0, pos - CONTEXT[0]), min(len(ids), pos + CONTEXT[1] + 1)
@@ -57,7 +72,8 @@ def _context(tokenizer, ids, pos: int) -> dict:
 
 def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: np.ndarray,
             train: np.ndarray, class_names, batches_fn, *, bos_id, include_special: bool,
-            k: int = 10, examples: int = 5, max_pooled: np.ndarray | None = None) -> dict:
+            k: int = 10, examples: int = 5, max_pooled: np.ndarray | None = None,
+            groups: np.ndarray | None = None) -> dict:
     """The explanations JSON of one selected SAE probe (see module docstring).
 
     Args:
@@ -66,8 +82,10 @@ def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: 
       max_pooled: the same SAE's max-pooled features [N, F] when the run has them: then
         the top texts and the density are read from them and the pass runs over those top
         texts only (it finds the firing token), not over every training text.
+      groups: int[N] text-copy ids (splits.text_groups): copies count as one text.
     """
     train = np.asarray(train)
+    tg = None if groups is None else np.asarray(groups)[train]
     xt = np.asarray(x[train], np.float32)
     coef = probe.raw_coef(res.params)[0]
     tops = ranked(coef, xt.mean(0), class_names, k)
@@ -76,8 +94,7 @@ def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: 
         return dict(classes={c: [] for c in tops}, n_train=len(train))
     if max_pooled is not None:
         m_all = np.asarray(max_pooled[train][:, feats], np.float32)     # [n_train, K]
-        top = {j: [r for r in np.argsort(-m_all[:, i], kind='stable')[:examples]
-                   if m_all[r, i] > 0] for i, j in enumerate(feats)}
+        top = {j: _top_rows(m_all[:, i], examples, tg) for i, j in enumerate(feats)}
         rows = np.asarray(sorted({r for v in top.values() for r in v}), np.int64)
     else:
         m_all, top, rows = None, None, np.arange(len(train))
@@ -92,7 +109,7 @@ def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: 
             i = feats.index(j)
             if m_all is None:
                 m = acts['max'][:, i]
-                best = [r for r in np.argsort(-m, kind='stable')[:examples] if m[r] > 0]
+                best = _top_rows(m, examples, tg)
                 density = float((m > 0).mean())
             else:
                 best, density = top[j], float((m_all[:, i] > 0).mean())

@@ -98,17 +98,6 @@ def encode(params: SAEParams, x: jax.Array, *, chunk_size: int | None = None) ->
     return out.reshape(*lead, params.width)
 
 
-def encode_features(params: SAEParams, x: jax.Array, features) -> jax.Array:
-    """`encode` restricted to the feature columns `features` (int[K]): f32[..., K], equal
-    to `encode(params, x)[..., features]` at the cost of a [D, K] matmul."""
-    x = _prepare_input(params, x)
-    idx = jnp.asarray(features)
-    w = params.w_enc[:, idx].astype(jnp.float32)
-    pre = jnp.dot(x, w, precision=_PRECISION) + params.b_enc[idx].astype(jnp.float32)
-    return jnp.where(pre > params.threshold[idx].astype(jnp.float32), jnp.maximum(pre, 0.0),
-                     0.0)
-
-
 def encode_pooled(params: SAEParams, x: jax.Array, mask: jax.Array, mode: str, *,
                   top_n: int = 0, chunk_size: int | None = None) -> jax.Array:
     """`features.pool(encode(params, x), mask, mode, top_n=top_n)` without the whole [B, T, F].

@@ -1,6 +1,6 @@
 """Feature store: peak memory of whole runs at 1,000 vs 4,000 texts (store on / off, side
-by side), a 65k-wide SAE over 5,000 texts, and the store's size on disk against dense
-float32. Real Gemma 3 270M, the real binary set 106_hate_hate (5,000 tweets).
+by side), a 65k-wide SAE (the shipped 16k SAE's features x 4) over 5,000 texts, and the
+store's size on disk against dense float32. Real Gemma 3 270M, the real binary set 106_hate_hate (5,000 tweets).
 
   python bench/store_memory.py [--out bench/store_memory.json] [--skip_65k | --only_65k]
 
@@ -53,14 +53,18 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 '''
 
 
-def _random_sae(folder: str, width: int, d: int = 640) -> str:
-    """A random JumpReLU SAE (sparse codes: thresholds keep ~5% of latents) as params.npz."""
-    r = np.random.default_rng(0)
-    w = (r.normal(0, 1, (d, width)) / np.sqrt(d)).astype(np.float32)
+def _wide_sae(folder: str, copies: int = 4) -> str:
+    """A 65k-wide SAE with a real SAE's sparsity: the shipped layer-8 16k SAE's features,
+    repeated `copies` times (a random SAE fires on most features of every text, which no
+    trained SAE does, so it would measure dense storage, not this path), as params.npz."""
+    from mosaic_jax.sae import loading as sae_loading  # pylint: disable=g-import-not-at-top
+    p = sae_loading.load_sae(os.path.join(ROOT, 'checkpoints', 'gemma3_270m',
+                                          'layer_8_width_16k'), d_model=640)
+    tile = lambda a, axis: np.concatenate([np.asarray(a)] * copies, axis=axis)  # noqa: E731
     os.makedirs(folder, exist_ok=True)
-    np.savez(os.path.join(folder, 'params.npz'), W_enc=w, b_enc=np.zeros(width, np.float32),
-             threshold=np.full(width, 2.0, np.float32), W_dec=w.T.copy(),
-             b_dec=np.zeros(d, np.float32))
+    np.savez(os.path.join(folder, 'params.npz'), W_enc=tile(p.w_enc, 1),
+             b_enc=tile(p.b_enc, 0), threshold=tile(p.threshold, 0), W_dec=tile(p.w_dec, 0),
+             b_dec=np.asarray(p.b_dec))
     return folder
 
 
@@ -97,7 +101,7 @@ def main() -> None:
             out['store_size_4000_texts'] = _store_size(os.path.join(tmp, 'store_4000',
                                                                     '_features'))
         if not a.skip_65k:
-            sae = _random_sae(os.path.join(tmp, 'sae65k', 'layer_8_width_65k'), 65536)
+            sae = _wide_sae(os.path.join(tmp, 'sae65k', 'layer_8_width_65k'))
             out['store_65k_5000'] = _run(
                 os.path.join(tmp, 'w65k'), '--config.data.max_rows=5000',
                 "--config.sae.widths=('65k',)", '--config.sae.exclude=()',

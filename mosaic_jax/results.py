@@ -67,6 +67,11 @@ def runs_dir(workdir: str, model: str) -> str:
     return os.path.join(workdir, safe_name(model), RUNS)
 
 
+def store_dir(workdir: str) -> str:
+    """<workdir>/_features: a workdir's default feature store (store.py)."""
+    return os.path.join(workdir, '_features')
+
+
 def explanations_path(run_folder: str, dataset: str, layer, width) -> str:
     """<run>/features/<dataset>_layer_<L>_<width>.json: a selected probe's explained features."""
     return os.path.join(run_folder, 'features',
@@ -90,10 +95,18 @@ def to_float(v: Any) -> float:
         return float('nan')
 
 
-def read_csv(path: str) -> list[dict]:
-    """Rows of a CSV this module wrote, as strings (column -> cell)."""
+def read_csv(path: str, required: Sequence[str] = ()) -> list[dict]:
+    """Rows of a CSV this module wrote, as strings (column -> cell).
+
+    Raises:
+      ValueError: when the header lacks a `required` column (naming the file and them).
+    """
     with open(path, newline='') as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        if missing := set(required) - set(reader.fieldnames or ()):
+            raise ValueError(f'{path}: not a results.write_csv file of this kind (no '
+                             f'columns {sorted(missing)})')
+        return list(reader)
 
 
 def write_csv(path: str, rows: list[dict], fields: Sequence[str], *,

@@ -167,6 +167,20 @@ class Extractor:
         return self._step.lower(self._state, self._saes, *args).as_text()
 
 
+def extractors(model, sae_params: dict, devices: parallel.Devices
+               ) -> Callable[[FeatureSpec], Extractor]:
+    """spec -> its Extractor, each built on first use and then reused (building one
+    replicates the model onto the devices; compiling it is per instance)."""
+    built: dict[FeatureSpec, Extractor] = {}
+
+    def get(spec: FeatureSpec) -> Extractor:
+        if spec not in built:
+            built[spec] = Extractor(model, {k: sae_params[k] for k, _ in spec.saes}, spec,
+                                    devices)
+        return built[spec]
+    return get
+
+
 def extract(extractor: Extractor, batches: Iterable[batching.Batch], n: int, *, bos_id,
             include_special, progress: bool = True, total: int | None = None,
             sink: Callable[[np.ndarray, dict], None] | None = None
@@ -234,15 +248,15 @@ def token_activations(model, params, block: int, features: Sequence[int],
     return out
 
 
-_TOKEN_STEPS: dict = {}  # (id(model), block) -> (compiled step, model state): one per run
+_TOKEN_STEP: list = []  # [model, block, compiled step, model state]: the last one built
 
 
 def _token_step(model, block: int):
     """The explanation pass's compiled step for one model and block (built once; its
     shapes depend on the batch and on the padded feature count only, so datasets and
-    runs share executables)."""
-    key = (id(model), int(block))
-    if key not in _TOKEN_STEPS:
+    runs share executables). The model itself is kept and compared by identity, so a
+    later model can never reuse another's state."""
+    if not (_TOKEN_STEP and _TOKEN_STEP[0] is model and _TOKEN_STEP[1] == int(block)):
         graphdef, state = nnx.split(model)
 
         @jax.jit
@@ -251,9 +265,8 @@ def _token_step(model, block: int):
             act = jumprelu.encode(sub, resid) * fmask[..., None]                  # [B, L, K]
             first = jnp.argmax(mask, axis=1)[:, None]  # left padding: positions from the text
             return act.max(1), act.argmax(1) - first, (act > 0).sum(1), fmask.sum(1)
-        _TOKEN_STEPS.clear()  # another model: drop the old one's state
-        _TOKEN_STEPS[key] = (step, state)
-    return _TOKEN_STEPS[key]
+        _TOKEN_STEP[:] = [model, int(block), step, state]
+    return _TOKEN_STEP[2], _TOKEN_STEP[3]
 
 
 def _feature_columns(params, idx: np.ndarray, multiple: int = 64):
@@ -327,7 +340,7 @@ def _restrict(spec: FeatureSpec, keys: set) -> FeatureSpec:
         hidden=tuple((hv, i) for hv, i in spec.hidden if hv in keys))
 
 
-def extract_stored(model, sae_params: dict, spec: FeatureSpec, devices: parallel.Devices,
+def extract_stored(spec: FeatureSpec, extractor_for: Callable[[FeatureSpec], Extractor],
                    groups: Sequence[StoreGroup], opts: store.StoreOptions, token_ids,
                    batches: Iterable[batching.Batch], *, bos_id, include_special,
                    progress: bool = True) -> store.StoredFeatures:
@@ -336,6 +349,8 @@ def extract_stored(model, sae_params: dict, spec: FeatureSpec, devices: parallel
     run resumes where its last shard ended.
 
     Args:
+      extractor_for: spec -> Extractor (`extractors`): the whole spec's when every group
+        is missing, a smaller spec's for the missing groups only.
       batches: the batches an in-memory extraction of all `token_ids` would run. Only
         those holding a missing text are computed, whole, so every feature equals the
         uninterrupted run's bit for bit (a text's padded length is the same).
@@ -361,7 +376,7 @@ def extract_stored(model, sae_params: dict, spec: FeatureSpec, devices: parallel
         run = [b for b in batches
                if missing[np.asarray(b.index)[np.asarray(b.valid, bool)]].any()]
         sub = _restrict(spec, {k for g in todo for k in g.keys})
-        ex = Extractor(model, {k: sae_params[k] for k, _ in sub.saes}, sub, devices)
+        ex = extractor_for(spec if len(todo) == len(groups) else sub)
         sink = _ShardSink([opened[g.name] for g in todo], todo,
                           {g.name: need[g.name] for g in todo}, keys, opts.shard_texts)
         extract(ex, run, n, bos_id=bos_id, include_special=include_special,

@@ -32,6 +32,7 @@ from absl import logging
 import numpy as np
 
 from mosaic_jax import checkpoint
+from mosaic_jax import results
 
 KEY_BYTES = 16           # blake2b digest of a text's token ids
 SPARSE_FRACTION = 0.25   # CSR when at most this share of a variant's values are non-zero
@@ -58,7 +59,7 @@ class StoreOptions:
         if not single_process:
             logging.warning('feature store off: one store per multi-host job is not supported')
             return cls()
-        return cls(root=s.root or os.path.join(config.workdir, '_features'),
+        return cls(root=s.root or results.store_dir(config.workdir),
                    shard_texts=int(s.shard_texts))
 
 
@@ -263,6 +264,9 @@ class StoredFeatures(Mapping):
         while len(self._held) > self._max_held:
             self._held.pop(next(iter(self._held)))
         return value
+
+    def __contains__(self, variant) -> bool:  # a membership test reads nothing
+        return variant in self._groups
 
     def __iter__(self) -> Iterator:
         return iter(self._groups)

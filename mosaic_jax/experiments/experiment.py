@@ -11,6 +11,7 @@ import functools
 import os
 import tempfile
 import time
+from typing import Callable
 
 from absl import logging
 import numpy as np
@@ -49,7 +50,7 @@ class Context:
     saes: dict
     spec: steps.FeatureSpec
     devices: parallel.Devices
-    extractor: steps.Extractor
+    extractor_for: Callable    # spec -> steps.Extractor, built on first use (steps.extractors)
     opts: ProbeOptions
     meta: results.RunMeta
     run_id: str
@@ -75,10 +76,10 @@ class Context:
         n = len(ids) if subset is None else len(subset)
         if self.store.enabled and subset is None:
             return steps.extract_stored(
-                self.model, self.saes, self.spec, self.devices, self.store_groups, self.store,
+                self.spec, self.extractor_for, self.store_groups, self.store,
                 ids, self.batches(ids), bos_id=self.tokenizer.bos_token_id,
                 include_special=self.config.features.include_special, progress=progress)
-        return steps.extract(self.extractor, self.batches(ids, subset), n,
+        return steps.extract(self.extractor_for(self.spec), self.batches(ids, subset), n,
                              bos_id=self.tokenizer.bos_token_id,
                              include_special=self.config.features.include_special,
                              progress=progress, total=-(-n // self.config.model.batch_size))
@@ -123,7 +124,7 @@ def _context(config, timings: dict) -> Context:
     groups = steps.store_groups(spec, *fps, bos_id=tokenizer.bos_token_id,
                                 include_special=config.features.include_special)
     return Context(config, model, tokenizer, saes, spec, devices,
-                   steps.Extractor(model, saes, spec, devices),
+                   steps.extractors(model, saes, devices),
                    ProbeOptions.from_config(config), results.RunMeta.from_config(config),
                    run_id, parallel.is_writer(),
                    store_lib.StoreOptions.from_config(config, parallel.single_process()),

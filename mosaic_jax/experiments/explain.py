@@ -101,12 +101,13 @@ def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: 
     acts = steps.token_activations(model, sae, block, feats, batches_fn(train[rows]),
                                    len(rows), bos_id=bos_id, include_special=include_special)
     where = {int(r): i for i, r in enumerate(rows)}  # training position -> pass row
+    col = {j: i for i, j in enumerate(feats)}         # feature -> pass column
     y = np.asarray(labels)[train]
     out = {}
     for name, entries in tops.items():
         out[name] = []
         for j, w, score in entries:
-            i = feats.index(j)
+            i = col[j]
             if m_all is None:
                 m = acts['max'][:, i]
                 best = _top_rows(m, examples, tg)

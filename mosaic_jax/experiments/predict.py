@@ -162,8 +162,8 @@ def _features(config, saved, texts: list[str]) -> tuple[np.ndarray, object]:
     if opts.enabled:
         sae_fps = {k: saved.info['sae']['fingerprint'] for k in saes}
         groups = steps.store_groups(spec, assets.model_fingerprint(config), sae_fps, **kw)
-        feats = steps.extract_stored(model, saes, spec, devices, groups, opts, ids, batches,
-                                     **kw)
+        feats = steps.extract_stored(spec, steps.extractors(model, saes, devices), groups,
+                                     opts, ids, batches, **kw)
     else:
         feats = steps.extract(steps.Extractor(model, saes, spec, devices), batches, len(ids),
                               **kw)

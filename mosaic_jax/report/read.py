@@ -9,7 +9,6 @@ binarization, `selected` and `<metric>_lo/_hi` are read from their own summary c
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import math
 import os
@@ -92,13 +91,7 @@ def _parse_row(r: dict) -> dict:
 
 
 def read_summary(path: str) -> list[dict]:
-    with open(path, newline='') as f:
-        reader = csv.DictReader(f)
-        missing = {'dataset', 'kind'} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f'{path}: not a results.write_summary file (no columns '
-                             f'{sorted(missing)})')
-        return [_parse_row(r) for r in reader]
+    return [_parse_row(r) for r in results.read_csv(path, required=('dataset', 'kind'))]
 
 
 def _read_json_or_empty(path: str) -> dict:

@@ -6,7 +6,6 @@ validation split, never a test group); its test macro-F1 on every group fills on
 """
 from __future__ import annotations
 
-import csv
 import os
 
 import numpy as np
@@ -62,8 +61,7 @@ def section(page, run_folder: str) -> None:
     path = os.path.join(run_folder, 'transfer.csv')
     if not os.path.exists(path):
         return
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    rows = results.read_csv(path)
     page.add('<h3>Transfer: train group x test group (test macro-F1)</h3>')
     for (ds, kind), (trains, tests, m) in matrices(rows).items():
         page.figure(plot(trains, tests, m, f'{ds}: {kind}'), f'transfer-{ds}-{kind}',

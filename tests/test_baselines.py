@@ -71,3 +71,20 @@ def test_tfidf_on_digit_and_stop_word_texts_falls_back_to_every_token():
     assert baselines.predict_proba(model, texts[:4], 2).shape == (4, 2)
     vocab = model.steps[0][1].vocabulary_
     assert '3' in vocab and 'what' in vocab  # single characters and stop words kept
+
+
+def test_decision_tree_sparse_fit_equals_dense_fit():
+    """Sparse inputs take sklearn's sparse splitter: the same tree as the dense one (real
+    valued counts, so no two features tie on a split) and the same probabilities."""
+    r = np.random.default_rng(3)
+    x = ((r.random((300, 400)) < 0.03) * r.uniform(0.5, 4.0, (300, 400))).astype(np.float32)
+    y = (x[:, :20].sum(1) > x[:, 20:40].sum(1)).astype(np.int64)
+    assert np.count_nonzero(x) < baselines.SPARSE_FIT_DENSITY * x.size
+    sparse = baselines.fit('decision_tree', x, y, max_depth=4)
+    from sklearn.tree import DecisionTreeClassifier
+    dense = DecisionTreeClassifier(max_depth=4, class_weight='balanced', random_state=0)
+    dense.fit(x, y)
+    np.testing.assert_array_equal(sparse.tree_.feature, dense.tree_.feature)
+    np.testing.assert_allclose(sparse.tree_.threshold, dense.tree_.threshold)
+    np.testing.assert_allclose(baselines.predict_proba(sparse, x, 2),
+                               dense.predict_proba(x), rtol=1e-6)

@@ -418,7 +418,7 @@ def test_wide_problem_matches_sklearn_with_weights_and_standardisation(num_class
     ref = sk.coef_ - sk.coef_.mean(0) if num_classes > 2 else sk.coef_
     ours = _coef_rows(params)
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
-    assert rel < 1e-3, rel  # float32 Gram + eigh vs float64 sklearn; measured ~1e-5
+    assert rel < 1e-3, rel  # float32 Gram + pivoted Cholesky vs float64 sklearn; measured ~1e-5
     agree = np.mean(np.asarray(probe.predict(params, x)) == sk.predict(scaler.transform(x)))
     assert agree == 1.0
 
@@ -436,3 +436,48 @@ def test_wide_grid_equals_primal_solution():
     for i in range(2):
         np.testing.assert_allclose(probe.take(wide, i).w, probe.take(tall, i).w,
                                    rtol=0, atol=2e-4)  # float32 optimum; measured ~1e-5
+
+
+@pytest.mark.parametrize('num_classes', [2, 4])
+def test_row_basis_fits_equal_fits_on_the_subset(num_classes):
+    """One RowBasis of the train + val rows serves every CV fold: each fold's fit equals a
+    fit on that fold's rows alone (same optimum; duplicated rows make the Gram singular)."""
+    r = np.random.default_rng(11)
+    n, f = 90, 200
+    x = (r.poisson(0.4, (n, f)) * r.uniform(0.5, 2.0, f)).astype(np.float32)
+    x[60:75] = x[:15]                              # exact copies: rank 75 < 90 rows
+    y = np.argmax(x @ r.normal(size=(f, num_classes)) / 3 + r.gumbel(size=(n, num_classes)),
+                  -1)
+    shared = np.arange(10, n)                      # rows 0..9 play the test split
+    basis = probe.RowBasis(x[shared])
+    assert basis.factor.phi.shape[1] < len(shared)  # the dependent rows were dropped
+    cs = (0.1, 1.0)
+    for rows in (shared[::2], shared[r.permutation(len(shared))[:60]], shared):
+        rows = np.sort(rows)
+        got = basis.fit_grid(np.searchsorted(shared, rows), y[rows], cs,
+                             num_classes=num_classes, class_weight='balanced', **TIGHT)
+        want = probe.fit_grid(x[rows], y[rows], cs, num_classes=num_classes,
+                              class_weight='balanced', **TIGHT)
+        for i in range(len(cs)):
+            g, w = probe.take(got, i), probe.take(want, i)
+            scale = np.abs(np.asarray(w.w)).max()
+            # Two float32 factorisations of one problem, both converged to tol 1e-6.
+            np.testing.assert_allclose(g.w, w.w, rtol=0, atol=2e-3 * scale)
+            np.testing.assert_allclose(g.b, w.b, rtol=0, atol=2e-3 * max(scale, 1.0))
+            np.testing.assert_array_equal(probe.predict(g, x), probe.predict(w, x))
+    # The basis refuses nothing silently: labels are checked like fit_grid's.
+    with pytest.raises(ValueError, match='at least 2 classes'):
+        basis.fit_grid(np.arange(5), np.zeros(5, np.int64), cs)
+
+
+def test_factor_reproduces_the_gram_and_an_orthonormal_basis():
+    r = np.random.default_rng(12)
+    x = r.normal(size=(30, 50))
+    x[20:] = x[:10] * 2.0                          # rank 20
+    fac = probe._factor(x @ x.T)
+    phi = fac.phi
+    assert phi.shape == (30, 20)
+    np.testing.assert_allclose(phi @ phi.T, x @ x.T, atol=1e-8 * np.abs(x @ x.T).max())
+    v = x.T @ fac.alpha(np.eye(20))                # [F, r]: orthonormal, spans the rows
+    np.testing.assert_allclose(v.T @ v, np.eye(20), atol=1e-8)
+    np.testing.assert_allclose(x @ v, phi, atol=1e-8 * np.abs(phi).max())

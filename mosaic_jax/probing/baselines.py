@@ -12,6 +12,7 @@ from typing import Any, Callable, Sequence
 
 from absl import logging
 import numpy as np
+import scipy.sparse
 
 BASELINES: dict[str, Callable[..., Any]] = {}
 
@@ -87,6 +88,9 @@ def tfidf(x_train: Sequence[str], y_train, *, num_classes: int | None = None, se
     return model
 
 
+SPARSE_FIT_DENSITY = 0.1  # trees fit on a CSC copy below this fraction of nonzeros
+
+
 @register('decision_tree')
 def decision_tree(x_train, y_train, *, num_classes: int | None = None, seed: int = 0,
                   max_depth: int = 5, min_samples_leaf: int = 1) -> Any:
@@ -103,4 +107,10 @@ def decision_tree(x_train, y_train, *, num_classes: int | None = None, seed: int
         raise ValueError(f'x_train must be [N, F] with N={len(y)} rows, got {x_train.shape}')
     model = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf,
                                    class_weight='balanced', random_state=seed)
+    if np.count_nonzero(x_train) < SPARSE_FIT_DENSITY * x_train.size:
+        # Pooled SAE features are mostly zeros: sklearn's sparse splitter sorts only the
+        # nonzeros of each column (720 x 16k top-20 counts, depth 5: 0.46 s -> 0.04 s). It
+        # scores the same splits; only exact ties between features may resolve differently.
+        return model.fit(scipy.sparse.csc_matrix(x_train), y)
     return model.fit(x_train, y)
+

@@ -158,14 +158,34 @@ def evaluate(key, candidates: Sequence, fit_all: Callable[..., list[Fitted]],
                        time.perf_counter() - t0, choice)
 
 
-def probe_fitter(x: np.ndarray, y: np.ndarray, opts: ProbeOptions, num_classes: int):
-    """fit_all for the logistic probe: the whole C grid in one vmapped call."""
+def probe_fitter(x: np.ndarray, y: np.ndarray, opts: ProbeOptions, num_classes: int,
+                 shared_rows: np.ndarray | None = None):
+    """fit_all for the logistic probe: the whole C grid per call.
+
+    shared_rows: the rows every fit draws from (train + val for CV selection); when the
+    problem is wide (fewer of them than features), unstandardised and L-BFGS, one
+    `probe.RowBasis` of them serves every fold and the refit (one Gram, one factorisation).
+    """
     x = np.asarray(x, np.float32)
+    basis = None
+    if (shared_rows is not None and not opts.standardize and opts.solver == 'lbfgs'
+            and len(shared_rows) < x.shape[1]):
+        shared_rows = np.sort(np.asarray(shared_rows))
+        basis = probe.RowBasis(x[shared_rows])
+
+    def fit_grid(rows, Cs):
+        if basis is None:
+            return probe.fit_grid(x[rows], y[rows], Cs, num_classes=num_classes,
+                                  **opts.fit_kwargs())
+        pos = np.searchsorted(shared_rows, rows)
+        if not np.array_equal(shared_rows[np.minimum(pos, len(shared_rows) - 1)], rows):
+            raise ValueError('probe_fitter: a fit asked for rows outside shared_rows')
+        return basis.fit_grid(pos, y[rows], Cs, num_classes=num_classes,
+                              class_weight=opts.class_weight, max_iter=opts.max_iter)
 
     def fit_all(rows, only: int | None = None) -> list[Fitted]:
         Cs = opts.Cs if only is None else (opts.Cs[only],)
-        grid = probe.fit_grid(x[rows], y[rows], Cs, num_classes=num_classes,
-                              **opts.fit_kwargs())
+        grid = fit_grid(np.asarray(rows), Cs)
         out = []
         for i in range(len(Cs)):
             params = jax.device_get(probe.take(grid, i))
@@ -178,8 +198,9 @@ def fit_variant(key, x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *
                 num_classes: int, groups: np.ndarray | None = None) -> ProbeResult:
     """A probe on features x [N, F]: C chosen on validation / CV, scored on test."""
     folds = selection_folds(y, splits, opts, groups)
-    return evaluate(key, opts.Cs, probe_fitter(x, y, opts, num_classes), y, splits, opts,
-                    folds)
+    shared = np.concatenate(splits[:2]) if opts.select is Selection.CV else None
+    return evaluate(key, opts.Cs, probe_fitter(x, y, opts, num_classes, shared), y, splits,
+                    opts, folds)
 
 
 def fit_tfidf(texts: Sequence[str], y: np.ndarray, splits, opts: ProbeOptions, *,

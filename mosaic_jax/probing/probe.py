@@ -1,4 +1,4 @@
-"""Logistic-regression probe in optax, with scikit-learn's objective and parameterisation.
+"""Fitting the logistic-regression probe (math: `logistic`), with scikit-learn's objective.
 
 Binary problems use ONE sigmoid logit (C' = 1) and multiclass a softmax over C' = C logits,
 exactly like `sklearn.linear_model.LogisticRegression`, so coefficients compare one to one.
@@ -17,251 +17,43 @@ s_i = sample_weight_i * class_weight[y_i]. Scalings of J have the same optimum:
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable, Sequence
+from typing import Sequence
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
+import scipy.linalg
 
+
+from mosaic_jax.probing.logistic import (
+    ProbeParams, adamw, apply_update, batch_loss, check_finite, class_weights, init_params,
+    l2_penalty, logits, loss_and_grad, make_train_step, num_outputs, per_example_loss,
+    predict, predict_proba, raw_coef, take)
+
+# The probe's math lives in `logistic`; `probe.<name>` keeps serving all of it.
+__all__ = ['ProbeParams', 'RowBasis', 'SOLVERS', 'adamw', 'apply_update', 'batch_loss',
+           'check_finite', 'class_weights', 'fit', 'fit_grid', 'init_params', 'l2_penalty',
+           'logits', 'loss_and_grad', 'make_train_step', 'num_outputs', 'per_example_loss',
+           'predict', 'predict_proba', 'raw_coef', 'take']
 
 SOLVERS = ('lbfgs', 'adam')
-
-
-@flax.struct.dataclass
-class ProbeParams:
-    """Probe parameters; `fit_grid` returns the same fields with a leading grid axis [G]."""
-    w: jax.Array      # f32[F, C'], C' = 1 for binary problems, else C
-    b: jax.Array      # f32[C'], unpenalised intercept
-    mean: jax.Array   # f32[F], subtracted from the features (0 without standardisation)
-    scale: jax.Array  # f32[F], divides the centred features (1 without standardisation)
-
-    @property
-    def num_classes(self) -> int:
-        return 2 if self.w.shape[-1] == 1 else int(self.w.shape[-1])
-
-
-def num_outputs(num_classes: int) -> int:
-    """C': one logit for a binary problem (sklearn's convention), else one per class."""
-    if num_classes < 2:
-        raise ValueError(f'a probe needs num_classes >= 2, got {num_classes}')
-    return 1 if num_classes == 2 else int(num_classes)
-
-
-def init_params(num_features: int, num_classes: int, *, mean=None, scale=None) -> ProbeParams:
-    """Zero weights, like sklearn: the objective is convex, so no random init is needed.
-
-    Args:
-      mean, scale: optional f32[F] standardisation (default: identity).
-    """
-    c = num_outputs(num_classes)
-    return ProbeParams(
-        w=jnp.zeros((num_features, c), jnp.float32), b=jnp.zeros((c,), jnp.float32),
-        mean=(jnp.zeros((num_features,), jnp.float32) if mean is None
-              else jnp.asarray(mean, jnp.float32)),
-        scale=(jnp.ones((num_features,), jnp.float32) if scale is None
-               else jnp.asarray(scale, jnp.float32)))
-
-
-# ----------------------------------------------------------------------------------------
-# Pure math: logits, losses, probabilities
-# ----------------------------------------------------------------------------------------
-
-def logits(params: ProbeParams, x: jax.Array) -> jax.Array:
-    """f32[B, F] -> f32[B, C']. The standardisation is a constant, never trained."""
-    mean = jax.lax.stop_gradient(params.mean)
-    scale = jax.lax.stop_gradient(params.scale)
-    return ((x - mean) / scale) @ params.w + params.b
-
-
-def per_example_loss(params: ProbeParams, x: jax.Array, labels: jax.Array) -> jax.Array:
-    """Cross-entropy per row: f32[B, F], int[B] -> f32[B] (sigmoid when C' = 1)."""
-    z = logits(params, x)
-    if z.shape[-1] == 1:
-        return optax.sigmoid_binary_cross_entropy(z[:, 0], labels.astype(z.dtype))
-    return optax.softmax_cross_entropy_with_integer_labels(z, labels)
-
-
-def l2_penalty(params: ProbeParams, C) -> jax.Array:
-    """sklearn's `||w||^2 / (2 C)`; the intercept is not penalised."""
-    return 0.5 / C * jnp.sum(params.w ** 2)
-
-
-def _weighted_sum(params: ProbeParams, features: jax.Array, labels: jax.Array,
-                  sample_weight: jax.Array | None, valid: jax.Array | None) -> jax.Array:
-    """`sum_b valid_b s_b xent_b`: the data term of J on one batch (f32 scalar)."""
-    xent = per_example_loss(params, features, labels)
-    if sample_weight is not None:
-        xent = xent * sample_weight
-    if valid is not None:
-        xent = jnp.where(valid, xent, 0.0)
-    return jnp.sum(xent)
-
-
-def _count(features: jax.Array, valid: jax.Array | None) -> jax.Array:
-    """Rows of the batch that belong to the training set (filler rows excluded)."""
-    if valid is None:
-        return jnp.asarray(features.shape[0], jnp.float32)
-    return jnp.sum(valid.astype(jnp.float32))
-
-
-def batch_loss(params: ProbeParams, features: jax.Array, labels: jax.Array,
-               sample_weight: jax.Array | None = None, *, C, n_train=None,
-               valid: jax.Array | None = None) -> jax.Array:
-    """The one minibatch objective, an unbiased estimate of J / n:
-
-      `sum_b valid_b s_b xent_b / n_valid + ||w||^2 / (2 C n_train)`.
-
-    Class weights enter the numerator only (dividing by the batch's sum of weights would
-    cancel `balanced` weighting inside a batch); the denominator counts training rows.
-
-    Args:
-      features: f32[B, F]; labels: int[B]; sample_weight: f32[B] (default ones; a weight of
-        0 still counts the row in n_valid).
-      valid: bool[B], False for filler rows that pad a batch to the device count (default
-        all True); they count nowhere.
-      n_train: rows in the whole training set (default n_valid: the batch is all of it).
-    Returns:
-      f32 scalar.
-    """
-    count = jnp.maximum(_count(features, valid), 1.0)
-    n_train = count if n_train is None else n_train
-    data = _weighted_sum(params, features, labels, sample_weight, valid) / count
-    return data + l2_penalty(params, C) / n_train
-
-
-def loss_and_grad(params: ProbeParams, features: jax.Array, labels: jax.Array,
-                  sample_weight: jax.Array | None = None, *, C, n_train=None, valid=None):
-    """(loss, grads) of `batch_loss`; grads of `mean`/`scale` are zero.
-
-    For data parallelism with equal per-device batches, `lax.pmean` of these grads is the
-    step on the concatenated batch; `make_train_step(axis_name=...)` is exact for unequal
-    valid counts too (it sums before dividing).
-    """
-    return jax.value_and_grad(batch_loss)(params, features, labels, sample_weight,
-                                          C=C, n_train=n_train, valid=valid)
-
-
-def apply_update(tx: optax.GradientTransformation, params: ProbeParams, opt_state, grads):
-    """One optax update of `w` and `b`; the standardisation is carried over unchanged
-    (so weight decay in `tx` can never move it)."""
-    updates, opt_state = tx.update(grads, opt_state, params)
-    new = optax.apply_updates(params, updates)
-    return params.replace(w=new.w, b=new.b), opt_state
-
-
-def make_train_step(tx: optax.GradientTransformation, *, C: float, num_classes: int,
-                    n_train: int | None = None, axis_name: str | None = None) -> Callable:
-    """A pure `step(params, opt_state, features, labels, sample_weight=None, valid=None)
-    -> (params, opt_state, loss)` to jit, pmap or fuse into a bigger step (the fused
-    feature -> probe step of `steps.py` and its cached twin both use it).
-
-    The loss is `batch_loss`. With `axis_name`, the weighted sums, their gradients and the
-    valid counts are `psum`-ed over that axis before dividing, so under
-    `jax.pmap(step, axis_name=...)` every device applies the update of the whole batch.
-    """
-    expected = num_outputs(num_classes)
-
-    def step(params, opt_state, features, labels, sample_weight=None, valid=None):
-        if params.w.shape[-1] != expected:
-            raise ValueError(f'params have {params.w.shape[-1]} logits but num_classes='
-                             f'{num_classes} needs {expected}')
-        num, g_num = jax.value_and_grad(_weighted_sum)(params, features, labels,
-                                                       sample_weight, valid)
-        count = _count(features, valid)
-        if axis_name is not None:
-            num, g_num, count = jax.lax.psum((num, g_num, count), axis_name)
-        count = jnp.maximum(count, 1.0)
-        n = count if n_train is None else n_train
-        reg, g_reg = jax.value_and_grad(lambda p: l2_penalty(p, C) / n)(params)
-        grads = jax.tree.map(lambda a, b: a / count + b, g_num, g_reg)
-        with jax.named_scope('probe_update'):
-            params, opt_state = apply_update(tx, params, opt_state, grads)
-        return params, opt_state, num / count + reg
-
-    return step
-
-
-@functools.lru_cache(maxsize=None)  # one object per setting, so jit caches hit
-def adamw(lr: float = 1e-3, weight_decay: float = 1e-5) -> optax.GradientTransformation:
-    """MOSAIC's probe optimiser (AdamW, lr 1e-3, weight decay 1e-5), decaying w and b only."""
-    mask = lambda p: ProbeParams(w=True, b=True, mean=False, scale=False)  # noqa: E731
-    return optax.adamw(lr, weight_decay=weight_decay, mask=mask)
-
-
-def predict_proba(params: ProbeParams, x) -> jax.Array:
-    """f32[N, F] -> f32[N, C]; binary problems return both columns [1 - p, p]."""
-    z = logits(params, jnp.asarray(x, jnp.float32))
-    if z.shape[-1] == 1:
-        p = jax.nn.sigmoid(z[:, 0])
-        return jnp.stack([1.0 - p, p], axis=-1)
-    return jax.nn.softmax(z, axis=-1)
-
-
-def predict(params: ProbeParams, x) -> jax.Array:
-    """f32[N, F] -> int32[N] predicted class."""
-    z = logits(params, jnp.asarray(x, jnp.float32))
-    if z.shape[-1] == 1:
-        return (z[:, 0] > 0).astype(jnp.int32)
-    return jnp.argmax(z, axis=-1).astype(jnp.int32)
-
-
-def raw_coef(params: ProbeParams) -> tuple[np.ndarray, np.ndarray]:
-    """Weights on the raw (unstandardised) features: (coef f32[F, C'], intercept f32[C'])."""
-    w = np.asarray(params.w) / np.asarray(params.scale)[:, None]
-    return w, np.asarray(params.b) - np.asarray(params.mean) @ w
-
-
-def take(grid: ProbeParams, i: int) -> ProbeParams:
-    """Entry i of a `fit_grid` result."""
-    return jax.tree.map(lambda a: a[i], grid)
-
-
-def class_weights(y, num_classes: int, sample_weight=None) -> np.ndarray:
-    """sklearn's 'balanced' weights: n / (n_present_classes * count_c), 1 for absent classes.
-
-    With sample weights, n and count_c are weighted sums, as sklearn >= 1.6 computes them.
-
-    Args:
-      y: int[N] labels in 0..num_classes-1; sample_weight: optional f32[N].
-    Returns:
-      f32[num_classes].
-    """
-    y = np.asarray(y)
-    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, np.float64)
-    counts = np.bincount(y, weights=sw, minlength=num_classes)
-    present = np.bincount(y, minlength=num_classes) > 0
-    out = np.ones(num_classes)
-    out[present] = sw.sum() / (present.sum() * counts[present])
-    return out.astype(np.float32)
-
-
-def check_finite(loss, what: str = 'probe loss') -> None:
-    """Raises FloatingPointError unless every entry of `loss` is finite (call outside jit)."""
-    loss = np.asarray(loss)
-    if not np.all(np.isfinite(loss)):
-        raise FloatingPointError(
-            f'non-finite {what}: {loss.tolist()}; check the features for huge values or '
-            f'try standardize=True / a smaller C')
 
 
 # ----------------------------------------------------------------------------------------
 # Fitting
 # ----------------------------------------------------------------------------------------
 
-def _prepare(x, y, num_classes, sample_weight, class_weight, standardize):
-    """Validated float32 arrays: x [N, F], y int32[N], s f32[N], mean f32[F], scale f32[F]."""
-    x = np.asarray(x, np.float32)
+def _targets(y, n, num_classes, sample_weight, class_weight):
+    """Validated labels int32[n], per-row weights f32[n] (sample x class weight), classes."""
     y = np.asarray(y)
-    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
-        raise ValueError(f'need x [N, F] and y [N], got shapes {x.shape} and {y.shape}')
+    if y.ndim != 1 or len(y) != n:
+        raise ValueError(f'need x [N, F] and y [N], got {n} rows and y of shape {y.shape}')
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f'labels must be integers 0..C-1, got dtype {y.dtype}')
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f'features contain {(~np.isfinite(x)).sum()} non-finite values')
     c = int(y.max()) + 1 if num_classes is None else int(num_classes)
     if y.min() < 0 or y.max() >= c:
         raise ValueError(f'labels must lie in 0..{c - 1}, got {y.min()}..{y.max()}')
@@ -283,14 +75,32 @@ def _prepare(x, y, num_classes, sample_weight, class_weight, standardize):
             if cw.shape != (c,):
                 raise ValueError(f'class_weight array must have shape ({c},), got {cw.shape}')
         s = s * cw[y]
+    return y.astype(np.int32), s.astype(np.float32), c
+
+
+def _features(x) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2:
+        raise ValueError(f'need x [N, F], got shape {x.shape}')
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f'features contain {(~np.isfinite(x)).sum()} non-finite values')
+    return x
+
+
+def _prepare(x, y, num_classes, sample_weight, class_weight, standardize):
+    """Validated float32 arrays: x [N, F], y int32[N], s f32[N], mean f32[F], scale f32[F]."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or np.ndim(y) != 1 or len(x) != len(y):
+        raise ValueError(f'need x [N, F] and y [N], got shapes {x.shape} and {np.shape(y)}')
+    y, s, c = _targets(y, len(x), num_classes, sample_weight, class_weight)
+    x = _features(x)
     if standardize:
         mean = x.mean(0, dtype=np.float64)
         std = x.std(0, dtype=np.float64)
         scale = np.where(std > 0, std, 1.0)  # constant features: leave them unscaled
     else:
         mean, scale = np.zeros(x.shape[1]), np.ones(x.shape[1])
-    return (x, y.astype(np.int32), s.astype(np.float32), mean.astype(np.float32),
-            scale.astype(np.float32), c)
+    return x, y, s, mean.astype(np.float32), scale.astype(np.float32), c
 
 
 def _lbfgs_solve(x, y, s, mean, scale, C, max_iter, tol, *, n_out, memory_size, l2_stop):
@@ -417,7 +227,7 @@ def _fit_adam(x, y, s, mean, scale, Cs, n_out, *, max_epochs, batch_size, lr, we
     return best, epochs
 
 
-ROW_BUCKET = 64  # reduced problems pad rows to a multiple of this: fewer distinct shapes
+ROW_BUCKET = 64  # reduced problems pad rows and columns to multiples of this: fewer shapes
 
 
 @jax.jit
@@ -443,33 +253,67 @@ def _lbfgs_each(data, cs, *, grid, max_iter, tol, **kw):
     return jax.tree.map(lambda *a: jnp.stack(a), *sols) if grid else sols[0]
 
 
-def _fit_reduced(x, y, s, mean, scale, cs, n_out, *, grid, max_iter, tol, memory_size):
-    """The same objective solved in n dimensions when n rows < F features.
+@dataclasses.dataclass(frozen=True)
+class _Factor:
+    """Xs = phi V^T for the rows' Gram K = Xs Xs^T: phi f32-able f64[n, r], phi phi^T = K.
 
-    With Xs = U S V^T (thin SVD, from the Gram K = Xs Xs^T = U S^2 U^T), every optimum has
-    w = V w' (a component orthogonal to the rows only adds penalty), logits Xs w = (U S) w'
-    and ||w|| = ||w'||: the problem on the n x r matrix Phi = U S is the original one,
-    equally conditioned, at n/F of the cost per iteration. Directions with S^2 below
-    n * eps * max(S^2) are dropped (they carry no signal at float32). Rows are padded with
-    zero-weight rows and Phi's columns to a multiple of ROW_BUCKET, so variants, widths and
-    Cs of similar row counts share one executable. w = Xs^T (U S^-1 w').
+    From pivoted Cholesky, P^T K P = L L^T, phi = P L[:, :r]; V = Xs^T B with B = P [L11^-T;
+    0] (L11 the leading r x r block) has orthonormal columns spanning the rows, so
+    coefficients w' of phi lift to w = Xs^T alpha, alpha = B w' (one triangular solve).
     """
-    n = len(x)
-    xs = jnp.asarray((x - mean) / scale)  # standardised once, on the device for both products
-    k = np.asarray(_gram(xs), np.float64)
-    lam, u = np.linalg.eigh((k + k.T) / 2)
-    keep = lam > n * np.finfo(np.float32).eps * max(lam.max(), 1e-30)
-    u, root = u[:, keep], np.sqrt(lam[keep])
-    m = -(-n // ROW_BUCKET) * ROW_BUCKET
-    phi = np.zeros((m, m), np.float32)
-    phi[:n, :len(root)] = u * root
+    phi: np.ndarray
+    pivots: np.ndarray   # int[r]: the rows B draws on
+    l11: np.ndarray      # f64[r, r] lower triangular
+
+    def alpha(self, wr: np.ndarray) -> np.ndarray:
+        """B w' for w' f64[(G,) r, C'] -> f64[(G,) n, C']."""
+        r = len(self.pivots)
+        flat = np.moveaxis(wr, -2, 0).reshape(r, -1)
+        top = scipy.linalg.solve_triangular(self.l11, flat, trans='T', lower=True)
+        out = np.zeros((len(self.phi), flat.shape[1]))
+        out[self.pivots] = top
+        return np.moveaxis(out.reshape((len(self.phi),) + wr.shape[:-2] + wr.shape[-1:]),
+                           0, -2)
+
+
+def _factor(k: np.ndarray) -> _Factor:
+    """Pivoted Cholesky of the rows' Gram K f64[n, n] (LAPACK dpstrf, n^3/3 flops, ~5x less
+    time than an eigendecomposition here). It stops at rank r once the largest remaining
+    diagonal of K is below 10 float32 epsilons of its largest diagonal, the rounding level
+    of a float32 Gram: duplicate or dependent rows are dropped instead of failing."""
+    k = (k + k.T) / 2
+    top = max(float(np.max(np.diag(k))), 1e-30)
+    c, piv, rank, info = scipy.linalg.lapack.dpstrf(
+        k, tol=10 * float(np.finfo(np.float32).eps) * top, lower=1)
+    if info < 0:
+        raise ValueError(f'dpstrf: argument {-info} is invalid')
+    rank = max(int(rank), 1)
+    low = np.tril(c)[:, :rank]
+    phi = np.empty((len(k), rank))
+    phi[piv - 1] = low
+    return _Factor(phi=phi, pivots=piv[:rank] - 1, l11=low[:rank])
+
+
+def _solve_reduced(xs, fac: _Factor, rows, y, s, mean, scale, cs, n_out, *, grid, max_iter,
+                   tol, memory_size):
+    """L-BFGS on the reduced features phi[rows] f64[n, r], lifted back: w = Xs^T alpha(w').
+
+    Rows are padded with zero-weight rows and columns with zero columns to multiples of
+    ROW_BUCKET, so variants, widths and Cs of similar sizes share one executable.
+    Returns (ProbeParams, info) like `_fit`.
+    """
+    phi = fac.phi if rows is None else fac.phi[rows]
+    n, r = phi.shape
+    m, q = (-(-a // ROW_BUCKET) * ROW_BUCKET for a in (n, r))
+    phi_p = np.zeros((m, q), np.float32)
+    phi_p[:n, :r] = phi
     pad = lambda a: np.concatenate([a, np.zeros(m - n, a.dtype)])  # noqa: E731
     red, value, gnorm, iters = _lbfgs_each(
-        (phi, pad(y), pad(s), np.zeros(m, np.float32), np.ones(m, np.float32)), cs,
+        (phi_p, pad(y), pad(s), np.zeros(q, np.float32), np.ones(q, np.float32)), cs,
         grid=grid, max_iter=max_iter, tol=tol, n_out=n_out, memory_size=memory_size,
         l2_stop=True)
-    wr = np.asarray(red.w, np.float64)[..., :len(root), :]           # [(G,) r, C']
-    alpha = np.einsum('nr,...rc->...nc', u / root, wr).astype(np.float32)
+    wr = np.asarray(red.w, np.float64)[..., :r, :]                   # [(G,) r, C']
+    alpha = fac.alpha(wr).astype(np.float32)
     w = (jax.vmap(_lift, in_axes=(None, 0)) if grid else _lift)(xs, alpha)
     mean_j, scale_j = jnp.asarray(mean), jnp.asarray(scale)
     if grid:
@@ -479,14 +323,72 @@ def _fit_reduced(x, y, s, mean, scale, cs, n_out, *, grid, max_iter, tol, memory
     return params, {'loss': value, 'grad_max': gnorm, 'iterations': iters}
 
 
+def _fit_reduced(x, y, s, mean, scale, cs, n_out, *, grid, max_iter, tol, memory_size):
+    """The same objective solved in n dimensions when n rows < F features.
+
+    With Xs = phi V^T (phi phi^T = K = Xs Xs^T, V orthonormal; `_factor`), every optimum
+    has w = V w' (a component orthogonal to the rows only adds penalty), logits
+    Xs w = phi w' and ||w|| = ||w'||: the problem on the n x r matrix phi is the original
+    one, equally conditioned, at n/F of the cost per iteration.
+    """
+    xs = jnp.asarray((x - mean) / scale)  # standardised once, on the device for both products
+    fac = _factor(np.asarray(_gram(xs), np.float64))
+    return _solve_reduced(xs, fac, None, y, s, mean, scale, cs, n_out, grid=grid,
+                          max_iter=max_iter, tol=tol, memory_size=memory_size)
+
+
+class RowBasis:
+    """One factorisation Xs = phi V^T of an unstandardised feature matrix's rows, shared by
+    L-BFGS fits on any subset of them (the CV folds and the refit on their union).
+
+    A fit on rows S has its optimum in span(X[S]), inside span(V): with w = V w' its logits
+    are phi[S] w' and ||w|| = ||w'||, so the problem on phi[S] (|S| x r) is the original
+    one. L-BFGS from zero takes the same steps as on S's own factorisation (its iterates
+    are invariant under the orthogonal change of variables, and directions outside
+    span(X[S]) get no gradient and stay zero). One Gram and one factorisation per matrix
+    instead of one per fit.
+    """
+
+    def __init__(self, x):
+        x = _features(x)
+        self.num_features = x.shape[1]
+        self.xs = jnp.asarray(x)
+        self.factor = _factor(np.asarray(_gram(self.xs), np.float64))
+        self._zeros = np.zeros(self.num_features, np.float32)
+        self._ones = np.ones(self.num_features, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.factor.phi)
+
+    def fit_grid(self, rows, y, Cs: Sequence[float], *, num_classes: int | None = None,
+                 sample_weight=None, class_weight=None, max_iter: int = 500,
+                 tol: float = 1e-4, memory_size: int = 10, return_info: bool = False):
+        """`fit_grid(x[rows], y, Cs, ...)` with L-BFGS and no standardisation, from the
+        basis (rows index the matrix the basis was built from)."""
+        rows = np.asarray(rows)
+        cs = _check_cs(Cs)
+        y, s, c = _targets(y, len(rows), num_classes, sample_weight, class_weight)
+        params, info = _solve_reduced(self.xs, self.factor, rows, y, s, self._zeros,
+                                      self._ones, cs, num_outputs(c), grid=True,
+                                      max_iter=max_iter, tol=tol, memory_size=memory_size)
+        info = {k: np.asarray(v) for k, v in info.items()}
+        check_finite(info['loss'], f'probe loss for C={cs.tolist()}')
+        return (params, info) if return_info else params
+
+
+def _check_cs(Cs) -> np.ndarray:
+    cs = np.atleast_1d(np.asarray(Cs, np.float64))
+    if cs.ndim != 1 or cs.size == 0 or not np.all((cs > 0) & np.isfinite(cs)):
+        raise ValueError(f'C must be positive and finite, got {np.asarray(Cs).tolist()}')
+    return cs
+
+
 def _fit(x, y, Cs, *, grid, num_classes, sample_weight, class_weight, standardize, solver,
          max_iter, tol, seed, memory_size, batch_size, lr, weight_decay, patience,
          val_fraction, return_info):
     if solver not in SOLVERS:
         raise ValueError(f'unknown solver {solver!r}; valid: {SOLVERS}')
-    cs = np.atleast_1d(np.asarray(Cs, np.float64))
-    if cs.ndim != 1 or cs.size == 0 or not np.all((cs > 0) & np.isfinite(cs)):
-        raise ValueError(f'C must be positive and finite, got {np.asarray(Cs).tolist()}')
+    cs = _check_cs(Cs)
     x, y, s, mean, scale, c = _prepare(x, y, num_classes, sample_weight, class_weight,
                                        standardize)
     n_out = num_outputs(c)

@@ -157,6 +157,10 @@ def get_config(arg=None):
     # Image feature). Their labels come from data.label_field (folders: the sub-folders).
     c.data.prompt = 'caption en'
     c.data.image_field = ''
+    # Image tables / hub datasets: a caption column ('' = none). With captions the run is a
+    # modality transfer (captions read as text, train on one modality, test on the other:
+    # transfer.csv, groups 'text' and 'image').
+    c.data.caption_field = ''
 
     # Baselines beside the SAE probes: 'hidden_last' (MOSAIC's last-token hidden state),
     # 'hidden_mean', 'tfidf', 'decision_tree' (on SAE features, for interpretability),

@@ -76,7 +76,8 @@ def test_images_extractor_on_devices_equals_the_one_device_reader(assets):
                                     devices=parallel.Devices('pmap'),
                                     extractor_for=steps.extractors(model, {key: sae},
                                                                    parallel.Devices('pmap')))
-        ids, n_trunc, groups, got = image_run.features(ctx, 'digits', ds, {})
+        same, ids, n_trunc, groups, got = image_run.features(ctx, 'digits', ds, {})
+        assert same is ds  # no captions: the dataset as it came
         assert len(ids) == len(ds) and n_trunc == 0
         # Rows 30 and 40 are byte-identical (a scan and its copy): one copy group.
         assert len(set(groups)) == len(set(ds.digests())) == len(ds) - 1
@@ -189,3 +190,39 @@ def test_cli_end_to_end_on_digit_images(assets, tmp_path):
     json_files = list((tmp_path / 'tiny_pg' / 'digits' / 'layer_1').rglob('*results.json'))
     assert json_files, 'no MOSAIC-layout result files'
     assert 'pixels (downsampled)' in open(tmp_path / 'report.html').read()
+
+
+def test_cli_caption_to_image_transfer(assets, tmp_path):
+    # A table of the scans with a caption per image: train on captions, test on images.
+    rows = list(csv.DictReader(open(assets['root'] / 'digits.csv')))
+    table = assets['root'] / 'captioned.csv'
+    with open(table, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['image', 'label', 'caption'])
+        for r in rows:
+            # Unique captions: transfer skips test rows whose caption was trained on.
+            w.writerow([r['image'], r['label'], f"what digit is this {r['image']}"])
+    env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu',
+               XLA_FLAGS='--xla_force_host_platform_device_count=8')
+    cmd = [sys.executable, 'main.py', '--config=configs/paligemma2_3b.py',
+           f"--config.model.path={assets['model_dir']}", '--config.model.name=tiny_pg',
+           '--config.model.dtype=float32', '--config.model.batch_size=8', '--config.layers=(1,)',
+           f"--config.sae.source={assets['sae']}", f"--config.sae.widths=('{WIDTH}',)",
+           f"--config.data.datasets=('images:{table}',)", '--config.data.caption_field=caption',
+           '--config.baselines=("hidden_mean",)', '--config.probe.Cs=(1.0,)',
+           '--config.compile_cache=', '--config.run_id=t1', f'--config.workdir={tmp_path}']
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = tmp_path / 'tiny_pg' / '_runs' / 't1'
+    transfer = list(csv.DictReader(open(run / 'transfer.csv')))
+    pairs = {(t['train_group'], t['test_group']) for t in transfer}
+    assert pairs == {('text', 'text'), ('text', 'image'), ('image', 'image'), ('image', 'text')}
+    n = len(rows)
+    for t in transfer:
+        assert 0 < int(t['n_test']) < n, t  # cross-modal tests skip the trained pairs
+    # A caption and its image sit in one split: the audit has 2N rows, pairs agree.
+    audit = list(csv.DictReader(open(run / 'splits' / 'captioned.csv')))
+    assert len(audit) == 2 * n
+    assert all(audit[i]['split'] == audit[i + n]['split'] for i in range(n))
+    summary = list(csv.DictReader(open(run / 'summary.csv')))
+    assert {s['train_group'] for s in summary} == {'text', 'image'}

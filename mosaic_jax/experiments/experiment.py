@@ -245,8 +245,10 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
     JSONs for the first seed); timings gain '<name>/load_tokenize', '/extract', ..."""
     config = ctx.config
     compiled = parallel.compile_seconds()
-    read = image_run.features if image_run.is_images(ds) else _text_features
-    ids, n_trunc, groups, feats = read(ctx, name, ds, timings)
+    if image_run.is_images(ds):  # captioned images come back as 'text' + 'image' groups
+        ds, ids, n_trunc, groups, feats = image_run.features(ctx, name, ds, timings)
+    else:
+        ids, n_trunc, groups, feats = _text_features(ctx, name, ds, timings)
     if ds.groups is not None:
         if feats is None:
             raise UserError(f'dataset {name!r} is grouped (transfer): use probe.train=cached')

@@ -40,9 +40,13 @@ def _read_images(config, source: str, name: str) -> images.LabeledImages:
     'hub:<id>'; data.max_rows keeps a stratified, seeded subset as for texts."""
     hub = source.startswith('hub:')
     kw = {}
+    if config.data.caption_field and not hub and os.path.isdir(source):
+        raise ValueError(f'data.caption_field={config.data.caption_field!r}, but an image folder '
+                         'has no captions; use a CSV / parquet table with a caption column')
     if hub or not os.path.isdir(source):
         kw = dict(label_column=config.data.label_field,
-                  image_column=config.data.image_field or (None if hub else 'image'))
+                  image_column=config.data.image_field or (None if hub else 'image'),
+                  text_column=config.data.caption_field or None)
     return images.load(source, **kw).sample(int(config.data.max_rows), int(config.seed))
 
 

@@ -80,6 +80,12 @@ def get_config(arg=None):
     # False: padding and BOS never count (BOS carries huge, text-independent activations).
     # True: every position counts, padding included, as in MOSAIC's extraction.
     c.features.include_special = False
+    # Image datasets ('images:<folder|table|hub:id>', PaliGemma models only): which decoder
+    # positions are pooled: 'image' (the projected patches), 'prompt' (the text after
+    # them) or 'both'.
+    c.features.positions = 'image'
+    # The 'pixels' baseline: logistic regression on side x side x 3 box-filtered thumbnails.
+    c.features.pixel_side = 8
 
     c.probe = ml_collections.ConfigDict()
     # Inverse L2 strengths (sklearn's C), all trained in one vmapped call; the best on
@@ -146,9 +152,19 @@ def get_config(arg=None):
     c.data.group_parts = ()
     c.data.group_name = 'grouped'
     c.data.train_groups = ()
+    # Image datasets: the text after `<image>` x P + BOS (PaliGemma's task prefix), and the
+    # image-path column of a CSV / parquet table ('' = 'image'; hub datasets: the first
+    # Image feature). Their labels come from data.label_field (folders: the sub-folders).
+    c.data.prompt = 'caption en'
+    c.data.image_field = ''
+    # Image tables / hub datasets: a caption column ('' = none). With captions the run is a
+    # modality transfer (captions read as text, train on one modality, test on the other:
+    # transfer.csv, groups 'text' and 'image').
+    c.data.caption_field = ''
 
     # Baselines beside the SAE probes: 'hidden_last' (MOSAIC's last-token hidden state),
-    # 'hidden_mean', 'tfidf', 'decision_tree' (on SAE features, for interpretability).
+    # 'hidden_mean', 'tfidf', 'decision_tree' (on SAE features, for interpretability),
+    # 'pixels' (image datasets: logistic regression on downsampled pixels).
     c.baselines = ('hidden_last', 'hidden_mean', 'tfidf', 'decision_tree')
     # Metrics reported; the first is the headline.
     c.metrics = ('macro_f1', 'accuracy', 'roc_auc')

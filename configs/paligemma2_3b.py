@@ -10,8 +10,8 @@ read on image inputs (the paper's cross-modal study).
 Needs: the checkpoint folder (config.json, model*.safetensors, tokenizer files), the Gemma
 Scope 2b-pt-res SAEs (hub cache or local folders) and an image folder, CSV/parquet table
 ('images:/data/table.csv') or hub dataset ('images:hub:<id>').
-The fields under "cross-modal" are read by the image extractor (`mosaic_jax.experiments.image_study`);
-their CLI wiring is the integration step of issue 22.
+The fields under "cross-modal" are read by the image path of a run
+(`mosaic_jax.experiments.image_run`).
 """
 from configs import base, common
 
@@ -41,11 +41,15 @@ def get_config(arg=None):
     # Mean and max over 256 image tokens; MOSAIC's top-n counts are a text-length idea.
     c.features.pooling = ('mean', 'max')
     # Beside the SAE probes: the pooled hidden state and logistic regression on 8 x 8
-    # downsampled pixels (how much is there before any model).
-    # 'pixels' joins once the CLI runs image datasets (images.downsampled_pixels exists).
-    c.baselines = ('hidden_mean',)
+    # downsampled pixels (how much is there before any model); no TF-IDF (no text).
+    c.baselines = ('hidden_mean', 'pixels')
     c.features.pixel_side = 8
+    # An image folder of class sub-folders (scripts/digits_to_folder.py writes one), a
+    # table 'images:/data/t.csv' (columns data.image_field, data.label_field) or
+    # 'images:hub:<id>'.
     c.data.datasets = ('images:digits',)
+    c.data.label_field = 'label'
+    c.data.image_field = 'image'
     if arg.smoke:
         c.layers = (12,)
         c.data.max_rows = 200

@@ -8,7 +8,9 @@ import re
 
 from mosaic_jax import features
 from mosaic_jax import parallel
+from mosaic_jax.data import images
 from mosaic_jax.data.splits import Duplicates
+from mosaic_jax.models import paligemma
 from mosaic_jax.probing import baselines
 from mosaic_jax.probing import metrics
 from mosaic_jax.probing.evaluation import Selection
@@ -60,6 +62,43 @@ def _feature_problems(config) -> list[str]:
     for ex in config.sae.exclude:
         if not re.fullmatch(r'\d+:\S+', ex):
             problems.append(f"sae.exclude entry {ex!r} is not 'layer:width'")
+    _choice(problems, 'features.positions', config.features.positions, paligemma.POSITIONS)
+    side = config.features.pixel_side
+    if int(side) != side or side < 1:
+        problems.append(f'features.pixel_side={side!r} must be an integer >= 1')
+    return problems
+
+
+def _image_problems(config) -> list[str]:
+    """Image datasets ('images:...') against what only texts have, and back."""
+    if config.mode != 'classify':
+        return []
+    names = list(config.data.datasets)
+    imgs = [n for n in names if n.startswith(images.SPEC_PREFIX)]
+    texts = [n for n in names if not n.startswith(images.SPEC_PREFIX)]
+    texts += list(config.data.group_parts)
+    problems = []
+    if 'pixels' in config.baselines and texts:
+        problems.append(f"baselines has 'pixels', but dataset {texts[0]!r} is not an image "
+                        f"dataset ({images.SPEC_PREFIX}...); drop 'pixels' or that dataset")
+    if not imgs:
+        return problems
+    if 'tfidf' in config.baselines:
+        problems.append(f"baselines has 'tfidf', but dataset {imgs[0]!r} holds images, not "
+                        "texts; drop 'tfidf' (e.g. --config.baselines='(\"hidden_mean\","
+                        "\"pixels\")')")
+    for field, value, bad, what in (
+            ('probe.train', config.probe.train, config.probe.train == 'fused',
+             'use probe.train=cached'),
+            ('data.drop_rare_classes', config.data.drop_rare_classes,
+             config.data.drop_rare_classes, 'remove the small class folders instead'),
+            ('data.group_parts', tuple(config.data.group_parts), bool(config.data.group_parts),
+             'run image datasets on their own'),
+            ('data.group_field', config.data.group_field, bool(config.data.group_field),
+             'leave it empty')):
+        if bad:
+            problems.append(f'{field}={value!r} is for text datasets, not image dataset '
+                            f'{imgs[0]!r}: {what}')
     return problems
 
 
@@ -126,6 +165,6 @@ def validate(config) -> None:
     if len(fr) != 3 or abs(sum(fr) - 1) > 1e-6 or min(fr) <= 0:
         problems.append(f'data.fractions={fr} must be three positive numbers summing to 1')
     problems += _model_problems(config) + _feature_problems(config) + _probe_problems(config)
-    problems += _name_problems(config)
+    problems += _name_problems(config) + _image_problems(config)
     if problems:
         raise UserError('invalid config: ' + '; '.join(problems))

@@ -94,7 +94,7 @@ def _pooled(params, x, acts, fmask, pooling: str, tops: tuple[int, ...],
 
 
 def compute_features(model, sae_params: dict, input_ids, attention_mask, feature_mask,
-                     spec: FeatureSpec) -> tuple[dict, dict]:
+                     spec: FeatureSpec, pixel_values=None) -> tuple[dict, dict]:
     """One batch: forward -> SAE encode -> pool -> binarize, as a pure function.
 
     Args:
@@ -102,12 +102,18 @@ def compute_features(model, sae_params: dict, input_ids, attention_mask, feature
       sae_params: SAEKey -> SAEParams.
       input_ids: int32[B, L]; attention_mask: bool[B, L] (padding False);
       feature_mask: bool[B, L], positions that count in pooling (padding never; BOS and
-        special tokens unless config.features.include_special).
+        special tokens unless config.features.include_special; for images the chosen
+        image / prompt positions).
+      pixel_values: f32[B, 3, S, S] for a PaliGemma over images (`images.batches`); None
+        reads text only.
     Returns:
       ({Variant: [B, F]} (float32, or uint8 when binarized),
        {HiddenVariant: float32[B, D]} for the hidden-state baselines).
     """
-    resid = model.residuals(input_ids, attention_mask, spec.layers)  # [n, B, L, D]
+    if pixel_values is None:
+        resid = model.residuals(input_ids, attention_mask, spec.layers)  # [n, B, L, D]
+    else:
+        resid = model.residuals(input_ids, attention_mask, spec.layers, pixel_values)
     out = {}
     for key, li in spec.saes:
         mine = [v for v in spec.variants if v.sae == key]
@@ -143,22 +149,32 @@ def feature_mask(input_ids: np.ndarray, attention_mask: np.ndarray, bos_id: int 
 
 
 class Extractor:
-    """Streams token batches through the compiled feature step on all devices."""
+    """Streams token batches through the compiled feature step on all devices.
+
+    images=True: the step also takes pixel_values f32[B, 3, S, S] (split over the devices
+    like the ids), for a PaliGemma reading images.
+    """
 
     def __init__(self, model, sae_params: dict, spec: FeatureSpec,
-                 devices: parallel.Devices):
-        self.spec, self.devices = spec, devices
+                 devices: parallel.Devices, images: bool = False):
+        self.spec, self.devices, self.images = spec, devices, bool(images)
         graphdef, state = nnx.split(model)
 
-        def step(state, saes, ids, mask, fmask):
-            return compute_features(nnx.merge(graphdef, state), saes, ids, mask, fmask, spec)
+        def step(state, saes, ids, mask, fmask, *pixels):
+            return compute_features(nnx.merge(graphdef, state), saes, ids, mask, fmask, spec,
+                                    *pixels)
 
-        self._step = devices.compile(step, n_replicated=2, n_rows=3)
+        self._step = devices.compile(step, n_replicated=2, n_rows=4 if images else 3)
         self._state = devices.replicate(state)
         self._saes = devices.replicate(sae_params)
 
-    def __call__(self, input_ids, attention_mask, feature_mask) -> dict[FeatureKey, np.ndarray]:
-        args = self.devices.split(input_ids, attention_mask, feature_mask)
+    def __call__(self, input_ids, attention_mask, feature_mask, pixel_values=None
+                 ) -> dict[FeatureKey, np.ndarray]:
+        if (pixel_values is not None) != self.images:
+            raise ValueError(f'this Extractor was built with images={self.images}; '
+                             f'pixel_values {"missing" if self.images else "given"}')
+        rows = (input_ids, attention_mask, feature_mask)
+        args = self.devices.split(*rows, *(() if pixel_values is None else (pixel_values,)))
         sae_out, hidden = self.devices.gather(self._step(self._state, self._saes, *args))
         return {**sae_out, **hidden}
 
@@ -168,27 +184,29 @@ class Extractor:
 
 
 def extractors(model, sae_params: dict, devices: parallel.Devices
-               ) -> Callable[[FeatureSpec], Extractor]:
-    """spec -> its Extractor, each built on first use and then reused (building one
-    replicates the model onto the devices; compiling it is per instance)."""
-    built: dict[FeatureSpec, Extractor] = {}
+               ) -> Callable[..., Extractor]:
+    """(spec, images=False) -> its Extractor, each built on first use and then reused
+    (building one replicates the model onto the devices; compiling it is per instance)."""
+    built: dict[tuple[FeatureSpec, bool], Extractor] = {}
 
-    def get(spec: FeatureSpec) -> Extractor:
-        if spec not in built:
-            built[spec] = Extractor(model, {k: sae_params[k] for k, _ in spec.saes}, spec,
-                                    devices)
-        return built[spec]
+    def get(spec: FeatureSpec, images: bool = False) -> Extractor:
+        if (spec, images) not in built:
+            built[spec, images] = Extractor(model, {k: sae_params[k] for k, _ in spec.saes},
+                                            spec, devices, images)
+        return built[spec, images]
     return get
 
 
 def extract(extractor: Extractor, batches: Iterable[batching.Batch], n: int, *, bos_id,
             include_special, progress: bool = True, total: int | None = None,
-            sink: Callable[[np.ndarray, dict], None] | None = None
+            sink: Callable[[np.ndarray, dict], None] | None = None,
+            mask_fn: Callable[[Any], np.ndarray] | None = None
             ) -> dict[FeatureKey, np.ndarray] | None:
     """Pooled features of a whole dataset, batch by batch; never holds [N, T, F].
 
     Args:
-      batches: batching.Batch items (input_ids, attention_mask, index, valid).
+      batches: batching.Batch items (input_ids, attention_mask, index, valid), or
+        images.ImageBatch items (the same plus pixel_values) for an images Extractor.
       n: number of texts; every index in [0, n) must appear once among valid rows.
       total: number of batches, for the progress bar's total and ETA.
       sink: when given, called with (row indices, {key: rows}) per batch instead of
@@ -200,8 +218,9 @@ def extract(extractor: Extractor, batches: Iterable[batching.Batch], n: int, *, 
     store: dict[FeatureKey, np.ndarray] = {}
     seen = np.zeros(n, bool)
     for b in tqdm(batches, desc='extract', unit='batch', total=total, disable=not progress):
-        fmask = feature_mask(b.input_ids, b.attention_mask, bos_id, include_special)
-        out = extractor(b.input_ids, b.attention_mask, fmask)
+        fmask = (feature_mask(b.input_ids, b.attention_mask, bos_id, include_special)
+                 if mask_fn is None else mask_fn(b))
+        out = extractor(b.input_ids, b.attention_mask, fmask, getattr(b, 'pixel_values', None))
         valid = np.asarray(b.valid, bool)
         idx = np.asarray(b.index)[valid]
         if sink is not None:

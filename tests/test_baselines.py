@@ -11,8 +11,22 @@ from mosaic_jax.probing import baselines
 
 
 def test_unknown_baseline_lists_valid_names():
-    with pytest.raises(ValueError, match=r"unknown baseline 'bow'.*'decision_tree', 'tfidf'"):
+    with pytest.raises(ValueError, match=r"unknown baseline 'bow'.*'decision_tree', 'pixels', 'tfidf'"):
         baselines.get('bow')
+
+
+def test_pixels_on_real_digits_beats_chance():
+    from sklearn.datasets import load_digits
+    x, y = load_digits(return_X_y=True)
+    x = (x / 16).astype(np.float32)  # 8 x 8 ink levels, the scale downsampled_pixels gives
+    tr, _, te = splits.split(y, seed=0)
+    model = baselines.fit('pixels', x[tr], y[tr], num_classes=10, C=1.0)
+    proba = baselines.predict_proba(model, x[te], 10)
+    assert proba.shape == (len(te), 10) and proba.dtype == np.float32
+    # Logistic regression on the digit scans is ~95% right; 0.8 leaves room for any seed.
+    assert f1_score(y[te], proba.argmax(1), average='macro') > 0.8
+    with pytest.raises(ValueError, match=r'x_train must be \[N, F\]'):
+        baselines.fit('pixels', x[tr, :5].reshape(-1), y[tr])
 
 
 def test_tfidf_on_real_toxic_is_beats_chance():

@@ -11,13 +11,17 @@ import dataclasses
 import hashlib
 import io
 import os
-from typing import Sequence
+from typing import Iterator, NamedTuple, Sequence
 
+from absl import logging
 import numpy as np
 
 from mosaic_jax.data import loading as data_loading
 from mosaic_jax.data import splits
 
+# A dataset spec naming an image dataset: 'images:<folder | table.csv | table.parquet |
+# hub:<id>>' (the rest is `load`'s source).
+SPEC_PREFIX = 'images:'
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 # PaliGemma's preprocessor_config.json: mean = std = 0.5 per channel, rescale 1/255, bicubic.
 MEAN, STD, RESCALE = 0.5, 0.5, 1 / 255
@@ -39,6 +43,7 @@ class LabeledImages:
     name: str
     source: str
     texts: list[str] | None = None
+    groups: None = None  # transfer groups: none for images (the text datasets' field)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -59,6 +64,21 @@ class LabeledImages:
             self, images=[self.images[i] for i in pick], sources=[self.sources[i] for i in pick],
             labels=self.labels[idx],
             texts=None if self.texts is None else [self.texts[i] for i in pick])
+
+
+    def sample(self, n: int, seed: int) -> 'LabeledImages':
+        """At most n rows, stratified and seeded as `data.max_rows` does for texts; classes
+        that fall out are dropped and the rest re-numbered densely (logged)."""
+        if not 0 < n < len(self):
+            return self
+        out = self.subset(data_loading._stratified_subset(self.labels, n, seed))
+        present = np.unique(out.labels)
+        if len(present) < self.num_classes:
+            logging.warning('dataset %s: max_rows=%d lost classes %s', self.name, n,
+                            sorted(set(self.label_names) - {self.label_names[k] for k in present}))
+            out = dataclasses.replace(out, labels=np.searchsorted(present, out.labels),
+                                      label_names=[self.label_names[k] for k in present])
+        return out
 
 
 # ------------------------------------------------------------------------ preprocessing
@@ -121,6 +141,43 @@ def prompt_batch(tokenizer, prompts: Sequence[str], num_image_tokens: int,
     for b, r in enumerate(rows):
         ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
     return ids, mask
+
+
+class ImageBatch(NamedTuple):
+    """One batch of image rows for the feature step (`batching.Batch` plus the pixels).
+
+    input_ids int32[B, L]; attention_mask bool[B, L]; pixel_values f32[B, 3, S, S];
+    index int64[B] (row in the dataset, -1 for filler rows); valid bool[B].
+    """
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    pixel_values: np.ndarray
+    index: np.ndarray
+    valid: np.ndarray
+
+
+def batches(ds: LabeledImages, prefix: Sequence[int], batch_size: int, image_size: int, *,
+            multiple_of: int = 1) -> Iterator[ImageBatch]:
+    """Rows in dataset order, `batch_size` per batch, every row the same `prefix` ids
+    (`prompt_ids`), so no padding; the last batch is filled up with copies of its first row
+    (valid=False, index=-1) so every batch has the compiled shape.
+
+    Raises:
+      ValueError: batch_size not a positive multiple of `multiple_of` (the device count).
+    """
+    if batch_size < 1 or batch_size % multiple_of:
+        raise ValueError(f'batch_size={batch_size} must be a positive multiple of '
+                         f'multiple_of={multiple_of} (the device count)')
+    ids = np.tile(np.asarray(prefix, np.int32), (batch_size, 1))
+    mask = np.ones(ids.shape, bool)
+    for start in range(0, len(ds), batch_size):
+        rows = np.arange(start, min(start + batch_size, len(ds)))
+        pixels = pixel_values([ds.images[i] for i in rows], image_size,
+                              [ds.sources[i] for i in rows])
+        fill = batch_size - len(rows)
+        pixels = np.concatenate([pixels, np.repeat(pixels[:1], fill, axis=0)])
+        index = np.concatenate([rows, np.full(fill, -1)]).astype(np.int64)
+        yield ImageBatch(ids, mask, pixels, index, index >= 0)
 
 
 def downsampled_pixels(blobs: Sequence[bytes], side: int = 8) -> np.ndarray:

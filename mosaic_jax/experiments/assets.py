@@ -7,6 +7,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from mosaic_jax import models
+from mosaic_jax.data import images
+from mosaic_jax.models import paligemma
 from mosaic_jax.models import loading as model_loading
 from mosaic_jax import store
 from mosaic_jax.checks import UserError
@@ -85,7 +87,8 @@ def sae_fingerprints(config) -> dict[SAEKey, list]:
 
 
 def load_model(config):
-    """(Transformer, tokenizer) of config.model.path; layers checked against its depth."""
+    """(Transformer or PaliGemma, tokenizer) of config.model.path; layers checked against
+    its depth, image datasets ('images:...') against its kind."""
     try:
         model = models.load_model(config.model.path, dtype=config.model.dtype)
         tokenizer = models.load_tokenizer(config.model.path)
@@ -96,4 +99,9 @@ def load_model(config):
     if bad:
         raise UserError(f'layers {tuple(config.layers)} ({config.model.layer_convention}) '
                         f'reach blocks {bad}, but {config.model.path} has {n_blocks} blocks')
+    imgs = [n for n in config.data.datasets if n.startswith(images.SPEC_PREFIX)]
+    if imgs and not isinstance(model, paligemma.PaliGemma):
+        raise UserError(f'dataset {imgs[0]!r} holds images, but {config.model.path!r} is a '
+                        'text model; pass a PaliGemma 2 checkpoint folder (config.json '
+                        "model_type 'paligemma') as --config.model.path")
     return model, tokenizer

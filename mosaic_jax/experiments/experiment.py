@@ -29,8 +29,12 @@ from mosaic_jax.data import splits as splits_lib
 from mosaic_jax.experiments import assets
 from mosaic_jax.experiments import correctness
 from mosaic_jax.experiments import explain as explain_lib
+from mosaic_jax.experiments import image_run
 from mosaic_jax.experiments import predict
 from mosaic_jax.experiments import transfer as transfer_lib
+from mosaic_jax.experiments.inputs import dataset_names
+from mosaic_jax.experiments.inputs import load as _load, seeds as _seeds
+from mosaic_jax.experiments.inputs import audit_texts, split_or_error as _split_or_error
 from mosaic_jax.probing import baselines
 from mosaic_jax.probing import evaluation
 from mosaic_jax.probing import feature_selection
@@ -206,22 +210,6 @@ def _run_folder(ctx: Context) -> str:
     return run_folder(ctx.config, ctx.run_id)
 
 
-def dataset_names(config) -> list[str]:
-    """The run's datasets: data.datasets, plus the combined grouped one (data.group_name)
-    when data.group_parts lists 'group=spec' parts."""
-    names = list(config.data.datasets)
-    return names + [config.data.group_name] if config.data.group_parts else names
-
-
-def _read(config, name: str) -> data_loading.LabeledTexts:
-    kw = dict(text_field=config.data.text_field, label_field=config.data.label_field,
-              max_rows=config.data.max_rows, seed=config.seed, encoding=config.data.encoding)
-    if config.data.group_parts and name == config.data.group_name:
-        parts = [p.split('=', 1) for p in config.data.group_parts]
-        return data_loading.combine([(g, data_loading.load(spec, **kw)) for g, spec in parts], name)
-    return data_loading.load(name, group_field=config.data.group_field, **kw)
-
-
 def check_workdir(workdir: str) -> None:
     """The workdir exists or can be made, and a file can be written in it."""
     try:
@@ -231,36 +219,6 @@ def check_workdir(workdir: str) -> None:
     except OSError as e:
         raise UserError(f'workdir {workdir!r} is not writable ({e.strerror or e}); pass '
                         '--config.workdir=DIR') from None
-
-
-def _load(config, name: str) -> data_loading.LabeledTexts:
-    """One dataset, rare classes dropped when the config allows it."""
-    try:
-        ds = _read(config, name)
-        if config.data.drop_rare_classes:
-            ds, dropped = splits_lib.drop_rare_classes(
-                ds, splits_lib.min_class_count(tuple(config.data.fractions)),
-                duplicates=config.data.duplicates)
-            if dropped:
-                logging.warning('%s: dropped classes too small to reach every split: %s',
-                                name, dropped)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise UserError(f'dataset {name!r}: {e}') from e
-    return ds
-
-
-def _seeds(config) -> tuple[int, ...]:
-    """The seeds whose split + probes a run repeats (config.seeds, else config.seed)."""
-    return tuple(int(s) for s in config.seeds) or (int(config.seed),)
-
-
-def _split_or_error(config, ds: data_loading.LabeledTexts, seed: int) -> splits_lib.Split:
-    try:
-        return splits_lib.split(ds.labels, seed=seed, fractions=tuple(config.data.fractions),
-                                texts=ds.texts, duplicates=config.data.duplicates,
-                                class_names=ds.label_names)
-    except ValueError as e:
-        raise UserError(f'dataset {ds.name!r}: {e}') from e
 
 
 def _split(ctx: Context, ds: data_loading.LabeledTexts, seed: int, *, write: bool,
@@ -275,7 +233,7 @@ def _split(ctx: Context, ds: data_loading.LabeledTexts, seed: int, *, write: boo
     if write:
         path = os.path.join(_run_folder(ctx), 'splits',
                             f'{results.safe_name(ds.name)}{tag}.csv')
-        rows = splits_lib.split_rows(sp, ds.labels, ds.texts, ds.label_names)
+        rows = splits_lib.split_rows(sp, ds.labels, audit_texts(ds), ds.label_names)
         ctx.pending.append(functools.partial(results.write_csv, path, rows,
                                              splits_lib.SPLIT_FIELDS))
     return sp
@@ -286,22 +244,11 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
     """One dataset end to end: extraction once, then split + probes for every seed (result
     JSONs for the first seed); timings gain '<name>/load_tokenize', '/extract', ..."""
     config = ctx.config
-    t = time.perf_counter()
     compiled = parallel.compile_seconds()
-    ids, n_trunc = batching.tokenize(ds.texts, ctx.tokenizer, config.model.max_length)
-    if n_trunc:
-        logging.info('%s: %d of %d texts truncated to %d tokens', name, n_trunc, len(ids),
-                     config.model.max_length)
-    groups = splits_lib.text_groups(ds.texts)
-    timings[f'{name}/load_tokenize'] = time.perf_counter() - t
-    feats = None
-    if config.probe.train == 'cached':
-        t = time.perf_counter()
-        feats = ctx.extract(ids)
-        timings[f'{name}/extract'] = time.perf_counter() - t
-        done = (feats.n_computed if isinstance(feats, store_lib.StoredFeatures) else len(ids))
-        logging.info('%s: extracted %d texts (%d in the dataset, %d tokens) in %.1fs', name,
-                     done, len(ids), sum(len(i) for i in ids), timings[f'{name}/extract'])
+    if image_run.is_images(ds):  # captioned images come back as 'text' + 'image' groups
+        ds, ids, n_trunc, groups, feats = image_run.features(ctx, name, ds, timings)
+    else:
+        ids, n_trunc, groups, feats = _text_features(ctx, name, ds, timings)
     if ds.groups is not None:
         if feats is None:
             raise UserError(f'dataset {name!r} is grouped (transfer): use probe.train=cached')
@@ -329,7 +276,7 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
                         extract_seconds=timings[f'{name}/extract'])
             seed_rows = _probe_dataset(sctx, prep, feats, meta)
         rows += _mark_selected(seed_rows, seed)
-        if sctx.writer and feats is not None:
+        if sctx.writer and feats is not None and not image_run.is_images(ds):  # text-only
             t_explain = time.perf_counter()
             _explain(sctx, prep, rows[-len(seed_rows):], feats)
             timings[f'{name}/explain'] = time.perf_counter() - t_explain
@@ -337,6 +284,28 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
     timings[f'{name}/{"fused" if feats is None else "probes"}'] = time.perf_counter() - t
     timings[f'{name}/compile'] = parallel.compile_seconds() - compiled
     return rows
+
+
+def _text_features(ctx: Context, name: str, ds, timings: dict) -> tuple:
+    """(token ids, n truncated, copy groups, features or None when fused) of a text
+    dataset; timings gain '<name>/load_tokenize' and '<name>/extract'."""
+    config = ctx.config
+    t = time.perf_counter()
+    ids, n_trunc = batching.tokenize(ds.texts, ctx.tokenizer, config.model.max_length)
+    if n_trunc:
+        logging.info('%s: %d of %d texts truncated to %d tokens', name, n_trunc, len(ids),
+                     config.model.max_length)
+    groups = splits_lib.text_groups(ds.texts)
+    timings[f'{name}/load_tokenize'] = time.perf_counter() - t
+    feats = None
+    if config.probe.train == 'cached':
+        t = time.perf_counter()
+        feats = ctx.extract(ids)
+        timings[f'{name}/extract'] = time.perf_counter() - t
+        done = (feats.n_computed if isinstance(feats, store_lib.StoredFeatures) else len(ids))
+        logging.info('%s: extracted %d texts (%d in the dataset, %d tokens) in %.1fs', name,
+                     done, len(ids), sum(len(i) for i in ids), timings[f'{name}/extract'])
+    return ids, n_trunc, groups, feats
 
 
 def _explain(ctx: Context, prep: Prepared, rows: list[dict], feats) -> None:
@@ -492,6 +461,9 @@ def _probe_dataset(ctx: Context, prep: Prepared, feats, meta: dict) -> list[dict
                          variant='tfidf'))
         if ctx.writer:
             ctx.fitted['tfidf', '-', '-', 'tfidf'] = res
+    if 'pixels' in ctx.config.baselines:
+        rows.append(_row(prep, 'pixels', image_run.fit_pixels(ctx.config, prep, ctx.opts),
+                         headline=head, layer='-', width='-', variant='pixels'))
     return rows
 
 

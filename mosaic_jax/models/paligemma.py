@@ -43,6 +43,11 @@ class PaliGemmaConfig:
         return self.text.num_layers
 
     @property
+    def embed_dim(self) -> int:
+        """D, the decoder's width (what SAEs read)."""
+        return self.text.embed_dim
+
+    @property
     def num_image_tokens(self) -> int:
         """P, the placeholders per image = patches of the tower."""
         return self.vision.num_patches

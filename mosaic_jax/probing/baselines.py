@@ -1,4 +1,5 @@
-"""Non-SAE baselines chosen by name: TF-IDF bag of words and a shallow decision tree.
+"""Non-SAE baselines chosen by name: TF-IDF bag of words, a shallow decision tree and
+logistic regression on downsampled pixels (image datasets).
 
 Every baseline is `fn(x_train, y_train, *, num_classes=None, seed=0, **options) -> model`
 (the fitted scikit-learn object); `predict_proba(model, x, num_classes)` scores any rows.
@@ -114,3 +115,22 @@ def decision_tree(x_train, y_train, *, num_classes: int | None = None, seed: int
         return model.fit(scipy.sparse.csc_matrix(x_train), y)
     return model.fit(x_train, y)
 
+
+@register('pixels')
+def pixels(x_train, y_train, *, num_classes: int | None = None, seed: int = 0, C: float = 1.0,
+           max_iter: int = 1000) -> Any:
+    """Standardised, class-balanced logistic regression on pixels: the image study's "how
+    much is there before any model" baseline (a Pipeline).
+
+    x_train: f32[N, side * side * 3] (`images.downsampled_pixels`); y_train: int[N_train].
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    y, _ = _labels(y_train, num_classes)
+    x_train = np.asarray(x_train, np.float32)
+    if x_train.ndim != 2 or x_train.shape[0] != len(y):
+        raise ValueError(f'x_train must be [N, F] with N={len(y)} rows, got {x_train.shape}')
+    model = make_pipeline(StandardScaler(), LogisticRegression(
+        C=C, class_weight='balanced', max_iter=max_iter, random_state=seed))
+    return model.fit(x_train, y)

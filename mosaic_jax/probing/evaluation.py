@@ -206,16 +206,29 @@ def fit_variant(key, x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *
 def fit_tfidf(texts: Sequence[str], y: np.ndarray, splits, opts: ProbeOptions, *,
               num_classes: int, groups: np.ndarray | None = None) -> ProbeResult:
     """TF-IDF + logistic regression, its C chosen exactly like the probes' C."""
+    return _fit_baseline('tfidf', lambda rows: [texts[i] for i in rows], y, splits, opts,
+                         num_classes, groups)
+
+
+def fit_pixels(x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *,
+               num_classes: int, groups: np.ndarray | None = None) -> ProbeResult:
+    """The 'pixels' baseline on x f32[N, side * side * 3]: C chosen like the probes' C."""
+    return _fit_baseline('pixels', lambda rows: x[rows], y, splits, opts, num_classes, groups)
+
+
+def _fit_baseline(name: str, take: Callable, y: np.ndarray, splits, opts: ProbeOptions,
+                  num_classes: int, groups: np.ndarray | None) -> ProbeResult:
+    """A C-parametrised `baselines` entry on the inputs `take(rows)`, C chosen on
+    validation / CV like the probes'."""
     def fit_all(rows, only: int | None = None) -> list[Fitted]:
         Cs = opts.Cs if only is None else (opts.Cs[only],)
         out = []
         for C in Cs:
-            m = baselines.fit('tfidf', [texts[i] for i in rows], y[rows],
-                              num_classes=num_classes, seed=opts.seed, C=C)
-            out.append((m, lambda r, m=m: baselines.predict_proba(
-                m, [texts[i] for i in r], num_classes)))
+            m = baselines.fit(name, take(rows), y[rows], num_classes=num_classes,
+                              seed=opts.seed, C=C)
+            out.append((m, lambda r, m=m: baselines.predict_proba(m, take(r), num_classes)))
         return out
-    return evaluate('tfidf', opts.Cs, fit_all, y, splits, opts,
+    return evaluate(name, opts.Cs, fit_all, y, splits, opts,
                     selection_folds(y, splits, opts, groups))
 
 

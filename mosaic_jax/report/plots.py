@@ -22,7 +22,9 @@ METRIC = 'macro_f1'  # the paper's headline metric: what every plot shows
 MAX_BAR_CLASSES = 6  # classes drawn in the feature bar chart (the report's table lists all)
 HIDDEN_VARIANTS = (('hidden_last', 's'), ('hidden_mean', 'D'))  # name, line marker
 KIND_COLORS = {'sae': 'tab:blue', 'fused': 'tab:cyan', 'hidden': 'tab:orange',
-               'tfidf': 'tab:gray', 'tree': 'tab:green'}
+               'tfidf': 'tab:gray', 'tree': 'tab:green', 'pixels': 'tab:brown'}
+# Model-free baselines drawn as one line / bar each: TF-IDF (texts), pixels (images).
+BASELINE_LABELS = {'tfidf': 'TF-IDF', 'pixels': 'pixels'}
 
 
 def interval(row: dict, metric: str = METRIC) -> tuple[float, float] | None:
@@ -94,10 +96,11 @@ def plot_by_layer(name: str, rows: list[dict],
         if pts:
             _line(ax, pts, ls='--', marker=marker, label=variant)
     for r in rows:
-        if r['kind'] == 'tfidf' and not math.isnan(r[METRIC]):
-            ax.axhline(r[METRIC], ls=':', color=KIND_COLORS['tfidf'], label='TF-IDF')
+        if r['kind'] in BASELINE_LABELS and not math.isnan(r[METRIC]):
+            color = KIND_COLORS[r['kind']]
+            ax.axhline(r[METRIC], ls=':', color=color, label=BASELINE_LABELS[r['kind']])
             if interval(r):
-                ax.axhspan(*interval(r), color=KIND_COLORS['tfidf'], alpha=0.15, lw=0)
+                ax.axhspan(*interval(r), color=color, alpha=0.15, lw=0)
     ax.set_xticks(layer_sort(l for l, _ in cells))
     ax.set(xlabel='layer', ylabel='test macro-F1', title=_mpl(name))
     ax.grid(alpha=0.3)
@@ -122,7 +125,8 @@ def plot_bars(name: str, rows: list[dict], cells: dict[tuple[int, str], dict],
     for r in sorted((r for r in rows if r['kind'] == 'hidden'),
                     key=lambda r: (r['variant'], r['layer'] or 0)):
         bars.append((f"{r['variant']} L{r['layer']}", r, 'hidden'))
-    bars += [('TF-IDF', r, 'tfidf') for r in rows if r['kind'] == 'tfidf']
+    bars += [(BASELINE_LABELS[r['kind']], r, r['kind']) for r in rows
+             if r['kind'] in BASELINE_LABELS]
     if not bars:
         return None
     fig = _figure(6.4, 1.2 + 0.32 * len(bars))

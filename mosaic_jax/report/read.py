@@ -248,7 +248,7 @@ def headline(view: DatasetView) -> list[dict]:
     val = _val_scores(view)
     marked = {r['kind'] for r in view.rows if r['selected']}
     of = {k: [r for r in view.rows if r['kind'] == k] for k in
-          ('sae', 'fused', 'hidden', 'tfidf', 'tree')}
+          ('sae', 'fused', 'hidden', 'tfidf', 'tree', 'pixels')}
     out = []
 
     def add(method, kind, rows):
@@ -266,6 +266,8 @@ def headline(view: DatasetView) -> list[dict]:
         for v in HIDDEN_NAMES:
             add(v, 'hidden', [r for r in of['hidden'] if r['variant'] == v])
     add('TF-IDF', 'tfidf', of['tfidf'])
+    if of['pixels']:  # image datasets: logistic regression on downsampled pixels
+        add('pixels (downsampled)', 'pixels', of['pixels'])
     # The tree is interpretable only next to the probe it explains: same layer/width.
     same = [t for t in of['tree']
             if sae and (t['layer'], t['width']) == (sae['layer'], sae['width'])]

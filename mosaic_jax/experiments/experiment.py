@@ -136,6 +136,9 @@ def run(config) -> list[dict]:
     checks.validate(config)
     if config.mode == 'report':
         return _report_only(config)
+    if config.mode == 'benchmark':  # sae-probes' datasets and regimes (benchmark.py)
+        from mosaic_jax.experiments import benchmark  # imports this module
+        return benchmark.run(config)
     if config.mode == 'predict':
         inputs.check_workdir(config.workdir)
         parallel.configure_process(parallel.ProcessOptions.from_config(config))

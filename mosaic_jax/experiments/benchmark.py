@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
 import time
 
 from absl import logging
@@ -154,6 +155,7 @@ def run(config) -> list[dict]:
     wall = time.perf_counter() - t0
     done = sorted({r['dataset'] for r in rows})
     results.write_json(folder, 'benchmark.json', dict(
+        machine=f'{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}',
         datasets=names, done=done, failed=failed, skipped_continuous=continuous,
         wall_seconds=wall, computed=len(seconds), texts_computed=texts,
         texts_per_minute=60.0 * texts / wall if texts else None,

@@ -186,9 +186,11 @@ def markdown(records: list[dict], source: str, run_info: str = '') -> str:
         head = std['verdict'] if std else 'no data'
         lines += [f'## {claim.name}: **{head}**', '']
         if claim.literature:
-            agree = 'agrees' if head == claim.expected else 'disagrees'
+            agree = ('agrees with MOSAIC' if head == claim.expected else
+                     'neither confirms nor refutes either' if head in ('inconclusive', 'no data')
+                     else 'disagrees with MOSAIC and sides with sae-probes')
             lines += [f'Literature: {claim.literature}. Ours ({std["regime"] if std else "-"}'
-                      f'): **{head}**, which {agree} with MOSAIC\'s claim.', '']
+                      f'): **{head}**, which {agree}.', '']
         if not recs:
             lines += ['No dataset of this run has both A and B.', '']
             continue

@@ -57,7 +57,7 @@ def _feature_problems(config) -> list[str]:
     if not tops or any(int(n) != n or n < 0 for n in tops):
         problems.append(f'features.top_n={tops} must be a non-empty tuple of integers >= 0, '
                         "e.g. --config.features.top_n='(0,20,50)'")
-    if config.mode == 'classify' and not config.sae.source:
+    if config.mode in ('classify', 'benchmark') and not config.sae.source:
         problems.append('sae.source is empty: pass --config.sae.source=PATH_WITH_{layer}_{width}')
     for ex in config.sae.exclude:
         if not re.fullmatch(r'\d+:\S+', ex):
@@ -147,7 +147,7 @@ def validate(config) -> None:
     """
     problems = []
     _choice(problems, 'mode', config.mode, ('classify', 'report', 'label_correctness',
-                                            'predict'))
+                                            'predict', 'benchmark'))
     if config.mode == 'predict':
         _choice(problems, 'predict.kind', config.predict.kind, ('sae', 'hidden', 'tfidf'))
     if config.mode == 'label_correctness':

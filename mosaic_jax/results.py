@@ -312,8 +312,63 @@ def _cell(v, float_format: str = '.4f') -> str:
 
 def write_summary(path: str, rows: list[dict], metric_names=SUMMARY_METRICS) -> None:
     """One CSV row per probe / baseline: `summary_fields(metric_names)`, then every other
-    key a row has (`train_group`, `regime`, ...) in order of first appearance."""
-    write_csv(path, rows, summary_fields(metric_names))
+    key a row has (`train_group`, `regime`, ...) in order of first appearance; the arrays
+    a row carries (`PREDICTIONS` keys) go to `write_predictions` instead."""
+    write_csv(path, [{k: v for k, v in r.items() if k not in PREDICTIONS} for r in rows],
+              summary_fields(metric_names))
+
+
+# ----------------------------------------------------------------------------------------
+# Test predictions per summary row (the paired statistics of probing/paired.py need them)
+# ----------------------------------------------------------------------------------------
+
+# Row keys holding a row's test labels int[N] and class probabilities f32[N, C].
+Y_TEST, PROBA = '_y_test', '_test_proba'
+PREDICTIONS = (Y_TEST, PROBA)
+# The summary columns that tell two rows of one dataset apart (cells as summary.csv has them).
+PREDICTION_KEY = ('kind', 'layer', 'width', 'variant', 'k', 'seed', 'train_group', 'regime',
+                  'setting')
+
+
+def prediction_key(row: dict) -> str:
+    """The npz key of a row: its PREDICTION_KEY cells, the same from a row in memory and
+    from its summary.csv line."""
+    return '|'.join(_cell(row.get(c)) for c in PREDICTION_KEY)
+
+
+def predictions_path(run_folder: str, dataset: str) -> str:
+    """<run>/predictions/<dataset>.npz: every row's test labels and probabilities."""
+    return os.path.join(run_folder, 'predictions', f'{safe_name(dataset)}.npz')
+
+
+def write_predictions(run_folder: str, rows: list[dict]) -> list[str]:
+    """One npz per dataset of the rows that carry predictions: 'y/<key>' int[N] and
+    'proba/<key>' float32[N, C] per `prediction_key`; returns the paths written."""
+    per: dict[str, dict[str, np.ndarray]] = {}
+    for r in rows:
+        if PROBA in r:
+            key = prediction_key(r)
+            arrays = per.setdefault(str(r['dataset']), {})
+            if f'y/{key}' in arrays:
+                raise ValueError(f'two rows of {r["dataset"]} share the key {key!r}')
+            arrays[f'y/{key}'] = np.asarray(r[Y_TEST], np.int64)
+            arrays[f'proba/{key}'] = np.asarray(r[PROBA], np.float32)
+    paths = []
+    for ds, arrays in per.items():
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **arrays)
+        paths.append(predictions_path(run_folder, ds))
+        checkpoint.atomic_write_bytes(paths[-1], buf.getvalue())
+    return paths
+
+
+def read_predictions(run_folder: str, dataset: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """prediction_key -> (y_test int[N], proba float32[N, C]) of one dataset ({} if none)."""
+    path = predictions_path(run_folder, dataset)
+    if not os.path.exists(path):
+        return {}
+    with np.load(path) as z:
+        return {k[2:]: (z[k], z[f'proba/{k[2:]}']) for k in z.files if k.startswith('y/')}
 
 
 SEED_KEY = ('dataset', 'kind', 'layer', 'width', 'variant')

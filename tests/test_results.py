@@ -211,3 +211,26 @@ def test_scrambled_test_labels_move_no_selection_downstream():
                     if want:
                         assert m[i, j] == pytest.approx(want[0], abs=1e-4)
     assert results.best_row([dict(select_score='nan'), dict(select_score='')]) is None
+
+
+def test_predictions_round_trip_keyed_by_the_summary_row(tmp_path):
+    """The arrays a row carries go to predictions/<dataset>.npz, not summary.csv, and the
+    row read back from summary.csv finds them under the same key."""
+    y, proba = _absent_class_predictions()
+    rows = [dict(dataset='sae_probes:d1', kind=kind, layer=8, width='4k', variant=v, k=k,
+                 seed=0, regime='scarcity', setting=16, macro_f1=0.5,
+                 **{results.Y_TEST: y, results.PROBA: proba * (i + 1)})
+            for i, (kind, v, k) in enumerate([('sae', 'max', None), ('sparse', 'max', 16)])]
+    run = str(tmp_path / 'run')
+    results.write_summary(f'{run}/summary.csv', rows)
+    assert results.write_predictions(run, rows) == [results.predictions_path(run, 'd1')]
+    back = results.read_csv(f'{run}/summary.csv')
+    assert not set(results.PREDICTIONS) & set(back[0])
+    stored = results.read_predictions(run, 'sae_probes:d1')
+    assert len(stored) == 2
+    for i, r in enumerate(back):
+        y_back, p_back = stored[results.prediction_key(r)]
+        np.testing.assert_array_equal(y_back, y)
+        np.testing.assert_array_equal(p_back, (proba * (i + 1)).astype(np.float32))
+    with pytest.raises(ValueError, match='share the key'):
+        results.write_predictions(run, rows + rows[:1])

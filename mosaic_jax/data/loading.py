@@ -287,6 +287,20 @@ def _sae_probes_task_types() -> dict[str, str]:
     return out
 
 
+def sae_probes_tasks() -> dict[str, str]:
+    """Every sae-probes dataset name -> its 'Data type' ('Binary Classification',
+    'Multiclass Classification', 'Continuous Data'; '' when the collection has none)."""
+    types = _sae_probes_task_types()
+    return {n: types.get(n, '') for n in sae_probes_names()}
+
+
+def sae_probes_ood_path(name: str) -> str | None:
+    """The shifted test set the collection ships for dataset `name` ('OOD data/<name>_OOD
+    .csv.zst'), or None when it has none."""
+    path = os.path.join(os.path.dirname(sae_probes_dir()), 'OOD data', f'{name}_OOD.csv.zst')
+    return path if os.path.exists(path) else None
+
+
 def _check_encoding(path: str, encoding: str) -> None:
     """The whole file decodes as `encoding`, else one error naming the first bad byte."""
     with open(path, 'rb') as f:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import tempfile
 import time
 from typing import Callable
 
@@ -30,11 +29,10 @@ from mosaic_jax.experiments import assets
 from mosaic_jax.experiments import correctness
 from mosaic_jax.experiments import explain as explain_lib
 from mosaic_jax.experiments import image_run
+from mosaic_jax.experiments import inputs
 from mosaic_jax.experiments import predict
 from mosaic_jax.experiments import transfer as transfer_lib
-from mosaic_jax.experiments.inputs import dataset_names
-from mosaic_jax.experiments.inputs import load as _load, seeds as _seeds
-from mosaic_jax.experiments.inputs import audit_texts, split_or_error as _split_or_error
+from mosaic_jax.experiments.inputs import audit_texts
 from mosaic_jax.probing import baselines
 from mosaic_jax.probing import evaluation
 from mosaic_jax.probing import feature_selection
@@ -113,7 +111,7 @@ def feature_spec(config, saes) -> steps.FeatureSpec:
         threshold=f.threshold, chunk_size=config.sae.chunk_size, hidden=hidden)
 
 
-def _context(config, timings: dict) -> Context:
+def context(config, timings: dict) -> Context:
     t0 = time.perf_counter()
     devices = parallel.Devices(config.parallel.mode)
     if config.model.batch_size % devices.count:
@@ -140,30 +138,33 @@ def run(config) -> list[dict]:
     checks.validate(config)
     if config.mode == 'report':
         return _report_only(config)
+    if config.mode == 'benchmark':  # sae-probes' datasets and regimes (benchmark.py)
+        from mosaic_jax.experiments import benchmark  # imports this module
+        return benchmark.run(config)
     if config.mode == 'predict':
-        check_workdir(config.workdir)
+        inputs.check_workdir(config.workdir)
         parallel.configure_process(parallel.ProcessOptions.from_config(config))
         folder = run_folder(config, parallel.sync_run_id(config.run_id or results.new_run_id()))
         rows = predict.run(config, folder)
         results.write_json(folder, 'config.json', config.to_dict())
         return rows
     if config.mode == 'label_correctness':
-        check_workdir(config.workdir)
+        inputs.check_workdir(config.workdir)
         parallel.configure_process(parallel.ProcessOptions.from_config(config))
         run_id = parallel.sync_run_id(config.run_id or results.new_run_id())
         correctness.label(config, run_folder(config, run_id))
         return []
     t0 = time.perf_counter()
     # Everything cheap first: a bad dataset or workdir fails before the model loads.
-    check_workdir(config.workdir)
+    inputs.check_workdir(config.workdir)
     assets.check_saes(config)
-    datasets = {name: _load(config, name) for name in dataset_names(config)}
+    datasets = {name: inputs.load(config, name) for name in inputs.dataset_names(config)}
     for ds in datasets.values():  # rare classes, empty splits: input-only problems
-        for seed in _seeds(config):
-            _split_or_error(config, ds, seed)
+        for seed in inputs.seeds(config):
+            inputs.split_or_error(config, ds, seed)
     parallel.configure_process(parallel.ProcessOptions.from_config(config))
     timings: dict[str, float] = {'load_datasets': time.perf_counter() - t0}
-    ctx = _context(config, timings)
+    ctx = context(config, timings)
     rows: list[dict] = []
     transfer: tuple[list, list] = ([], [])
     for name, ds in datasets.items():
@@ -175,12 +176,13 @@ def run(config) -> list[dict]:
             write()
         folder = _run_folder(ctx)
         results.write_summary(os.path.join(folder, 'summary.csv'), rows, ctx.opts.metric_names)
+        results.write_predictions(folder, rows)
         if transfer[0]:
             results.write_csv(os.path.join(folder, 'transfer.csv'), transfer[0],
                               transfer_lib.TRANSFER_FIELDS)
             results.write_csv(os.path.join(folder, 'feature_overlap.csv'), transfer[1],
                               transfer_lib.OVERLAP_FIELDS)
-        if len(_seeds(config)) > 1:
+        if len(inputs.seeds(config)) > 1:
             results.write_seed_summary(os.path.join(folder, 'seeds.csv'), rows,
                                        ctx.opts.metric_names)
         results.write_json(folder, 'config.json', config.to_dict())
@@ -210,21 +212,10 @@ def _run_folder(ctx: Context) -> str:
     return run_folder(ctx.config, ctx.run_id)
 
 
-def check_workdir(workdir: str) -> None:
-    """The workdir exists or can be made, and a file can be written in it."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix='.mosaic_check_'):
-            pass
-    except OSError as e:
-        raise UserError(f'workdir {workdir!r} is not writable ({e.strerror or e}); pass '
-                        '--config.workdir=DIR') from None
-
-
 def _split(ctx: Context, ds: data_loading.LabeledTexts, seed: int, *, write: bool,
            tag: str = '') -> splits_lib.Split:
     """The duplicate-safe split, logged and written for audit (splits/<dataset><tag>.csv)."""
-    sp = _split_or_error(ctx.config, ds, seed)
+    sp = inputs.split_or_error(ctx.config, ds, seed)
     a = sp.audit
     logging.info('%s: %d rows, %d repeat an earlier text (%d texts repeated, %d with '
                  'conflicting labels); duplicates=%s, %d rows dropped', ds.name, a.n_rows,
@@ -257,7 +248,7 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
         timings[f'{name}/transfer'] = time.perf_counter() - t
         timings[f'{name}/compile'] = parallel.compile_seconds() - compiled
         return rows
-    seeds = _seeds(config)
+    seeds = inputs.seeds(config)
     rows = []
     t = time.perf_counter()
     for i, seed in enumerate(seeds):
@@ -274,8 +265,8 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
                         split_audit=dataclasses.asdict(sp.audit),
                         selection=ctx.opts.select.value,
                         extract_seconds=timings[f'{name}/extract'])
-            seed_rows = _probe_dataset(sctx, prep, feats, meta)
-        rows += _mark_selected(seed_rows, seed)
+            seed_rows = probe_dataset(sctx, prep, feats, meta)
+        rows += mark_selected(seed_rows, seed)
         if sctx.writer and feats is not None and not image_run.is_images(ds):  # text-only
             t_explain = time.perf_counter()
             _explain(sctx, prep, rows[-len(seed_rows):], feats)
@@ -341,7 +332,7 @@ def _save_probes(ctx: Context, prep: Prepared, rows: list[dict]) -> None:
     ctx.fitted.clear()
 
 
-def _mark_selected(rows: list[dict], seed: int, by=('kind',)) -> list[dict]:
+def mark_selected(rows: list[dict], seed: int, by=('kind',)) -> list[dict]:
     """`selected` on the best row of each kind (results.best_row: the headline metric on
     validation or the CV mean, never test), the one choice everything downstream reads;
     adds `seed`."""
@@ -355,7 +346,8 @@ def _row(prep: Prepared, kind: str, res: ProbeResult | None = None, *, headline:
                kind=kind, **kw)
     if res is not None:
         out.update(C=res.C, seconds=res.seconds, select_score=res.val.get(headline, np.nan),
-                   **res.test)
+                   **res.test, **{results.Y_TEST: prep.ds.labels[prep.splits[2]],
+                                  results.PROBA: res.test_proba})
     return out
 
 
@@ -442,7 +434,7 @@ def _sparse_probes(ctx: Context, prep: Prepared, x: np.ndarray, v: Variant) -> l
     return rows
 
 
-def _probe_dataset(ctx: Context, prep: Prepared, feats, meta: dict) -> list[dict]:
+def probe_dataset(ctx: Context, prep: Prepared, feats, meta: dict) -> list[dict]:
     """Cached training: every variant x C grid, hidden baselines, TF-IDF, decision tree."""
     rows = []
     head = ctx.opts.headline
@@ -565,4 +557,4 @@ def _transfer_dataset(ctx: Context, ds, feats, out: tuple[list, list]) -> list[d
             rows.append(_row(prep, kind, res, headline=ctx.opts.headline, **ident,
                              train_group=g))
     # Each training group is its own experiment: one choice per kind and group.
-    return _mark_selected(rows, config.seed, by=('kind', 'train_group'))
+    return mark_selected(rows, config.seed, by=('kind', 'train_group'))

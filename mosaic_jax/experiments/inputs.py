@@ -6,6 +6,7 @@ reads them through PaliGemma). Every problem is one `UserError` naming the datas
 from __future__ import annotations
 
 import os
+import tempfile
 
 from absl import logging
 
@@ -48,6 +49,17 @@ def _read_images(config, source: str, name: str) -> images.LabeledImages:
                   image_column=config.data.image_field or (None if hub else 'image'),
                   text_column=config.data.caption_field or None)
     return images.load(source, **kw).sample(int(config.data.max_rows), int(config.seed))
+
+
+def check_workdir(workdir: str) -> None:
+    """The workdir exists or can be made, and a file can be written in it."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix='.mosaic_check_'):
+            pass
+    except OSError as e:
+        raise UserError(f'workdir {workdir!r} is not writable ({e.strerror or e}); pass '
+                        '--config.workdir=DIR') from None
 
 
 def load(config, name: str) -> Dataset:

@@ -15,6 +15,8 @@ from absl import logging
 import numpy as np
 import scipy.sparse
 
+from mosaic_jax.probing import probe
+
 BASELINES: dict[str, Callable[..., Any]] = {}
 
 
@@ -63,20 +65,31 @@ def tfidf(x_train: Sequence[str], y_train, *, num_classes: int | None = None, se
 
     x_train: list of texts; y_train: int[N_train] in 0..C-1.
     """
+    return tfidf_grid(x_train, y_train, (C,), num_classes=num_classes, seed=seed,
+                      ngram_range=ngram_range, max_features=max_features,
+                      stop_words=stop_words, max_iter=max_iter)[0]
+
+
+def tfidf_grid(x_train: Sequence[str], y_train, Cs: Sequence[float], *,
+               num_classes: int | None = None, seed: int = 0,
+               ngram_range: tuple[int, int] = (1, 2), max_features: int = 20_000,
+               stop_words: str | None = 'english', max_iter: int = 1000) -> list[Any]:
+    """One TF-IDF pipeline per C in `Cs`, sharing one vectorizer fitted on x_train.
+
+    The logistic regression is sklearn's (class-balanced, L2, unpenalised intercept) solved
+    by `probe.fit_grid` (its sklearn parity is tested, on this very TF-IDF too), whose
+    reduced solve of rows < features costs a Gram matrix instead of sklearn's L-BFGS over
+    20k columns per C. Each fit is returned as a sklearn Pipeline (vectorizer + a
+    LogisticRegression holding the coefficients), the object saved probes rebuild.
+    """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     y, _ = _labels(y_train, num_classes)
-
-    def build(**vectorizer):
-        return make_pipeline(
-            TfidfVectorizer(ngram_range=tuple(ngram_range), max_features=max_features,
-                            **vectorizer),
-            LogisticRegression(C=C, class_weight='balanced', max_iter=max_iter,
-                               random_state=seed))
-    model = build(stop_words=stop_words)
+    vec = TfidfVectorizer(ngram_range=tuple(ngram_range), max_features=max_features,
+                          stop_words=stop_words)
     try:
-        model.fit(list(x_train), y)
+        x = vec.fit_transform(list(x_train))
     except ValueError as e:
         if 'empty vocabulary' not in str(e):
             raise
@@ -84,9 +97,33 @@ def tfidf(x_train: Sequence[str], y_train, *, num_classes: int | None = None, se
         # every word of any length instead of failing.
         logging.warning('tfidf: empty vocabulary with stop_words=%r; refitting with all '
                         'tokens of any length', stop_words)
-        model = build(stop_words=None, token_pattern=r'(?u)\b\w+\b')
-        model.fit(list(x_train), y)
-    return model
+        vec = TfidfVectorizer(ngram_range=tuple(ngram_range), max_features=max_features,
+                              token_pattern=r'(?u)\b\w+\b')
+        x = vec.fit_transform(list(x_train))
+    classes, yk = np.unique(y, return_inverse=True)  # sklearn fits the classes present
+    grid = probe.fit_grid(x.toarray().astype(np.float32), yk, tuple(Cs),
+                          num_classes=len(classes), class_weight='balanced',
+                          max_iter=max_iter, seed=seed)
+    out = []
+    for i in range(len(Cs)):
+        coef, intercept = probe.raw_coef(probe.take(grid, i))   # [F, C'], [C']
+        lr = LogisticRegression(C=float(Cs[i]), class_weight='balanced', max_iter=max_iter)
+        lr.coef_ = np.asarray(coef, np.float64).T
+        lr.intercept_ = np.asarray(intercept, np.float64)
+        lr.classes_ = classes
+        lr.n_features_in_ = x.shape[1]
+        out.append(make_pipeline(vec, lr))
+    return out
+
+
+GRIDS: dict[str, Callable[..., list[Any]]] = {'tfidf': tfidf_grid}
+
+
+def fit_grid(name: str, x_train, y_train, Cs: Sequence[float], **options) -> list[Any]:
+    """Baseline `name` fitted once per C (one shared vectorizer where it has a grid fitter)."""
+    if name in GRIDS:
+        return GRIDS[name](x_train, y_train, Cs, **options)
+    return [fit(name, x_train, y_train, C=C, **options) for C in Cs]
 
 
 SPARSE_FIT_DENSITY = 0.1  # trees fit on a CSC copy below this fraction of nonzeros

@@ -222,12 +222,10 @@ def _fit_baseline(name: str, take: Callable, y: np.ndarray, splits, opts: ProbeO
     validation / CV like the probes'."""
     def fit_all(rows, only: int | None = None) -> list[Fitted]:
         Cs = opts.Cs if only is None else (opts.Cs[only],)
-        out = []
-        for C in Cs:
-            m = baselines.fit(name, take(rows), y[rows], num_classes=num_classes,
-                              seed=opts.seed, C=C)
-            out.append((m, lambda r, m=m: baselines.predict_proba(m, take(r), num_classes)))
-        return out
+        models = baselines.fit_grid(name, take(rows), y[rows], Cs, num_classes=num_classes,
+                                    seed=opts.seed)
+        return [(m, lambda r, m=m: baselines.predict_proba(m, take(r), num_classes))
+                for m in models]
     return evaluate(name, opts.Cs, fit_all, y, splits, opts,
                     selection_folds(y, splits, opts, groups))
 

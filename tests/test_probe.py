@@ -225,21 +225,27 @@ def test_standardize_matches_sklearn_scaler_pipeline():
 # ----------------------------------------------------------------------------------------
 
 def test_grid_equals_separate_fits(binary):
+    """The grid solves its Cs from strong to weak regularisation, each warm-started from the
+    previous optimum: the same optima as cold separate fits, in fewer iterations."""
     x, y, xt, yt = binary
-    Cs = (0.001, 0.1, 1.0, 10.0)
+    Cs = (10.0, 0.001, 1.0, 0.1)                   # any order: results come back in it
     grid, info = probe.fit_grid(x, y, Cs, return_info=True, **TIGHT)
     assert grid.w.shape == (len(Cs), F, 1)
-    worst = 0.0
+    worst, cold = 0.0, 0
     for i, C in enumerate(Cs):
-        one = probe.fit(x, y, C=C, **TIGHT)
+        one, one_info = probe.fit(x, y, C=C, return_info=True, **TIGHT)
+        cold += int(one_info['iterations'])
         got = probe.take(grid, i)
-        worst = max(worst, float(np.abs(got.w - one.w).max()), float(np.abs(got.b - one.b).max()))
-    print(f'grid vs separate fits: max |diff| {worst:.2e}; iterations {info["iterations"]}')
-    # Same arithmetic, except that batched matmuls may round differently (measured <2e-7).
-    assert worst < 1e-5
-    # The while_loop runs until the slowest C converges; the others are frozen meanwhile.
-    assert len(set(info['iterations'].tolist())) > 1 and np.all(info['grad_max'] <= 1e-6)
-
+        scale = float(np.abs(one.w).max())
+        worst = max(worst, float(np.abs(got.w - one.w).max()) / scale,
+                    float(np.abs(got.b - one.b).max()) / max(scale, 1.0))
+        np.testing.assert_array_equal(probe.predict(got, xt), probe.predict(one, xt))
+    print(f'grid vs separate fits: max rel |diff| {worst:.2e}; iterations warm '
+          f'{info["iterations"]} (sum {info["iterations"].sum()}) vs cold {cold}')
+    # Both stop at |grad| <= 1e-6 from different starts; measured 1.2e-5 relative.
+    assert worst < 1e-4
+    assert np.all(info['grad_max'] <= 1e-6)
+    assert info['iterations'].sum() < cold
 
 
 # ----------------------------------------------------------------------------------------

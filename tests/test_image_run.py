@@ -121,6 +121,15 @@ def test_read_table_with_max_rows_and_byte_split(assets):
     assert inputs.audit_texts(full)[0].endswith('.png')
 
 
+def test_a_class_too_small_to_split_names_the_image_fix(assets):
+    full = inputs.load(_config(), f"images:{assets['root'] / 'digits'}")
+    keep = np.flatnonzero(full.labels != 7).tolist() + [int(np.flatnonzero(full.labels == 7)[0])]
+    with pytest.raises(checks.UserError, match=r"too few rows.*'7' with 1 rows.*Add images "
+                                               r"of those classes") as e:
+        inputs.split_or_error(_config(), full.subset(keep), seed=0)
+    assert 'drop_rare_classes' not in str(e.value)  # refused for images: not suggested
+
+
 @pytest.mark.parametrize('override, message', [
     (dict(baselines=('hidden_mean', 'tfidf')), "baselines has 'tfidf', but dataset 'images:d'"),
     (dict(probe=dict(train='fused')), "probe.train='fused' is for text datasets"),

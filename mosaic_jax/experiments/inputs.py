@@ -100,4 +100,9 @@ def split_or_error(config, ds: Dataset, seed: int) -> splits_lib.Split:
                                 texts=split_keys(ds), duplicates=config.data.duplicates,
                                 class_names=ds.label_names)
     except ValueError as e:
-        raise UserError(f'dataset {ds.name!r}: {e}') from e
+        msg = str(e)
+        if isinstance(ds, images.LabeledImages):  # drop_rare_classes is for texts only
+            msg = msg.replace('Pass data.drop_rare_classes=True to drop such classes (with a '
+                              'warning).', 'Add images of those classes or remove their '
+                              'folders / rows.')
+        raise UserError(f'dataset {ds.name!r}: {msg}') from e

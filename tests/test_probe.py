@@ -487,3 +487,28 @@ def test_factor_reproduces_the_gram_and_an_orthonormal_basis():
     v = x.T @ fac.alpha(np.eye(20))                # [F, r]: orthonormal, spans the rows
     np.testing.assert_allclose(v.T @ v, np.eye(20), atol=1e-8)
     np.testing.assert_allclose(x @ v, phi, atol=1e-8 * np.abs(phi).max())
+
+
+@pytest.mark.parametrize('num_classes', [2, 4])
+def test_row_basis_at_default_tol_is_as_close_to_the_optimum_as_sklearn(num_classes):
+    """The shared basis solves preconditioned (eigenbasis): at the default tol 1e-4 its
+    probabilities sit about as close to the exact optimum (sklearn, tol 1e-10) as sklearn's
+    own solve at tol 1e-4 does, on a weakly regularised problem (C = 10)."""
+    r = np.random.default_rng(11)
+    n, f = 90, 200
+    x = (r.poisson(0.4, (n, f)) * r.uniform(0.5, 2.0, f)).astype(np.float32)
+    y = np.argmax(x @ r.normal(size=(f, num_classes)) / 3 + r.gumbel(size=(n, num_classes)),
+                  -1)
+    basis = probe.RowBasis(x)
+    rows = np.arange(0, n, 2)
+    got = probe.take(basis.fit_grid(rows, y[rows], (10.0,), num_classes=num_classes,
+                                    class_weight='balanced'), 0)
+    exact, loose = (LogisticRegression(C=10.0, tol=tol, max_iter=100_000,
+                                       class_weight='balanced').fit(
+        x[rows].astype(np.float64), y[rows]).predict_proba(x) for tol in (1e-10, 1e-4))
+    ours = np.abs(np.asarray(probe.predict_proba(got, x)) - exact).max()
+    theirs = np.abs(loose - exact).max()
+    print(f'max |p - p*|: ours {ours:.3g}, sklearn at tol 1e-4 {theirs:.3g}')
+    # Measured 0.065 vs 0.10 (binary) and 0.015 vs 0.14 (4 classes).
+    assert ours <= 2 * theirs + 1e-3
+    np.testing.assert_array_equal(np.asarray(probe.predict(got, x)), exact.argmax(1))

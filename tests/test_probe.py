@@ -512,3 +512,18 @@ def test_row_basis_at_default_tol_is_as_close_to_the_optimum_as_sklearn(num_clas
     # Measured 0.065 vs 0.10 (binary) and 0.015 vs 0.14 (4 classes).
     assert ours <= 2 * theirs + 1e-3
     np.testing.assert_array_equal(np.asarray(probe.predict(got, x)), exact.argmax(1))
+
+
+@pytest.mark.parametrize('shared', [False, True])
+def test_all_zero_features_give_the_intercept_only_model(shared):
+    """A variant where nothing fires (all-zero rows, a singular Gram) is a valid, if
+    useless, problem: w = 0 and the intercept sklearn finds, never NaN or a LinAlgError."""
+    x = np.zeros((24, 50), np.float32)
+    y = np.array([0] * 16 + [1] * 8)
+    if shared:
+        g = probe.RowBasis(x).fit_grid(np.arange(24), y, (1.0,))
+    else:
+        g = probe.fit_grid(x, y, (1.0,))
+    sk = LogisticRegression(C=1.0, tol=1e-10).fit(x, y)
+    np.testing.assert_array_equal(np.asarray(g.w), 0.0)
+    np.testing.assert_allclose(np.asarray(g.b)[0], sk.intercept_, atol=1e-4)  # log(8/16)

@@ -295,8 +295,10 @@ class _Factor:
 
     def alpha(self, wr: np.ndarray) -> np.ndarray:
         """B w' for w' f64[(G,) r, C'] -> f64[(G,) n, C']."""
-        if self.pivots is None:
-            return np.einsum('nr,...rc->...nc', self.phi / self.col_sq, wr)
+        if self.pivots is None:  # zero columns (an all-zero matrix) lift to nothing
+            inv = np.divide(self.phi, self.col_sq, out=np.zeros_like(self.phi),
+                            where=self.col_sq > 0)
+            return np.einsum('nr,...rc->...nc', inv, wr)
         r = len(self.pivots)
         flat = np.moveaxis(wr, -2, 0).reshape(r, -1)
         top = scipy.linalg.solve_triangular(self.l11, flat, trans='T', lower=True)
@@ -312,13 +314,14 @@ def _factor(k: np.ndarray, *, eigen: bool = False) -> _Factor:
     dependent rows never fail. Pivoted Cholesky (LAPACK dpstrf, n^3/3 flops) by default;
     `eigen` costs ~5x more and gives orthogonal columns (a better preconditioner)."""
     k = (k + k.T) / 2
+    top = float(np.max(np.diag(k)))
+    if not top > 0:  # every row is zero: one zero column, nothing to learn from
+        return _Factor(phi=np.zeros((len(k), 1)), col_sq=np.zeros(1), pivots=None, l11=None)
     if eigen:
         lam, u = np.linalg.eigh(k)
-        keep = lam > 10 * float(np.finfo(np.float32).eps) * max(float(lam.max()), 1e-30)
-        keep[-1] = True
+        keep = lam > 10 * float(np.finfo(np.float32).eps) * float(lam.max())
         phi = u[:, keep] * np.sqrt(lam[keep])
         return _Factor(phi=phi, col_sq=lam[keep], pivots=None, l11=None)
-    top = max(float(np.max(np.diag(k))), 1e-30)
     c, piv, rank, info = scipy.linalg.lapack.dpstrf(
         k, tol=10 * float(np.finfo(np.float32).eps) * top, lower=1)
     if info < 0:

@@ -164,19 +164,24 @@ def _digest(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def test_cli_end_to_end_on_digit_images(assets, tmp_path):
+def _run_cli(assets, dataset: str, *flags: str) -> None:
+    """main.py on the tiny PaliGemma and its SAE, offline on 8 fake devices."""
     env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu',
                XLA_FLAGS='--xla_force_host_platform_device_count=8')
     cmd = [sys.executable, 'main.py', '--config=configs/paligemma2_3b.py',
            f"--config.model.path={assets['model_dir']}", '--config.model.name=tiny_pg',
            '--config.model.dtype=float32', '--config.model.batch_size=8', '--config.layers=(1,)',
            f"--config.sae.source={assets['sae']}", f"--config.sae.widths=('{WIDTH}',)",
-           f"--config.data.datasets=('images:{assets['root'] / 'digits'}',)",
-           '--config.baselines=("hidden_mean","hidden_last","pixels","decision_tree")',
-           '--config.probe.Cs=(0.1,1.0)', '--config.compile_cache=', '--config.run_id=r1',
-           f'--config.workdir={tmp_path}', '--config.report=True']
+           f"--config.data.datasets=('images:{dataset}',)", '--config.compile_cache=', *flags]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+
+
+def test_cli_end_to_end_on_digit_images(assets, tmp_path):
+    _run_cli(assets, str(assets['root'] / 'digits'),
+             '--config.baselines=("hidden_mean","hidden_last","pixels","decision_tree")',
+             '--config.probe.Cs=(0.1,1.0)', '--config.run_id=r1',
+             f'--config.workdir={tmp_path}', '--config.report=True')
     run = tmp_path / 'tiny_pg' / '_runs' / 'r1'
     rows = list(csv.DictReader(open(run / 'summary.csv')))
     kinds = {r['kind'] for r in rows}
@@ -211,17 +216,9 @@ def test_cli_caption_to_image_transfer(assets, tmp_path):
         for r in rows:
             # Unique captions: transfer skips test rows whose caption was trained on.
             w.writerow([r['image'], r['label'], f"what digit is this {r['image']}"])
-    env = dict(os.environ, HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=8')
-    cmd = [sys.executable, 'main.py', '--config=configs/paligemma2_3b.py',
-           f"--config.model.path={assets['model_dir']}", '--config.model.name=tiny_pg',
-           '--config.model.dtype=float32', '--config.model.batch_size=8', '--config.layers=(1,)',
-           f"--config.sae.source={assets['sae']}", f"--config.sae.widths=('{WIDTH}',)",
-           f"--config.data.datasets=('images:{table}',)", '--config.data.caption_field=caption',
-           '--config.baselines=("hidden_mean",)', '--config.probe.Cs=(1.0,)',
-           '--config.compile_cache=', '--config.run_id=t1', f'--config.workdir={tmp_path}']
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
+    _run_cli(assets, str(table), '--config.data.caption_field=caption',
+             '--config.baselines=("hidden_mean",)', '--config.probe.Cs=(1.0,)',
+             '--config.run_id=t1', f'--config.workdir={tmp_path}')
     run = tmp_path / 'tiny_pg' / '_runs' / 't1'
     transfer = list(csv.DictReader(open(run / 'transfer.csv')))
     pairs = {(t['train_group'], t['test_group']) for t in transfer}

@@ -419,9 +419,6 @@ class RowBasis:
         self._zeros = np.zeros(self.num_features, np.float32)
         self._ones = np.ones(self.num_features, np.float32)
 
-    def __len__(self) -> int:
-        return len(self.factor.phi)
-
     def fit_grid(self, rows, y, Cs: Sequence[float], *, num_classes: int | None = None,
                  sample_weight=None, class_weight=None, max_iter: int = 500,
                  tol: float = 1e-4, memory_size: int = 10, return_info: bool = False):

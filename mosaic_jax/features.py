@@ -70,6 +70,28 @@ def pool_max(acts, mask, top_n=0):
     return jnp.where(jnp.any(mask, axis=1)[:, None], m, 0.0)
 
 
+def max_and_position(acts: jax.Array, mask: jax.Array, offset: jax.Array
+                     ) -> tuple[jax.Array, jax.Array]:
+    """`pool(acts, mask, 'max')` and where it is reached, from one reduction.
+
+    Args:
+      acts: f32[B, T, W]; mask: bool[B, T]; offset: int[B], the position of each row's first
+        token in the padded row (left padding), subtracted so positions index the text.
+    Returns:
+      (f32[B, W] equal to pool_max, int16/int32[B, W] the first unmasked position of that
+      maximum minus offset; 0 where the maximum is <= 0, i.e. the feature never fires).
+    """
+    acts = jnp.asarray(acts, jnp.float32)
+    mask = _valid(mask, acts)
+    masked = jnp.where(mask[..., None], acts, -jnp.inf)
+    pos = jnp.argmax(masked, axis=1)                                     # [B, W]
+    m = jnp.take_along_axis(masked, pos[:, None, :], axis=1)[:, 0]
+    m = jnp.where(jnp.any(mask, axis=1)[:, None], m, 0.0)
+    dtype = jnp.int16 if acts.shape[1] <= 32767 else jnp.int32
+    at = jnp.where(m > 0, pos - jnp.asarray(offset)[:, None], 0).astype(dtype)
+    return m, at
+
+
 def pool_last(acts, mask, top_n=0):
     """The last unmasked token (left or right padding alike)."""
     del top_n

@@ -28,9 +28,10 @@ from mosaic_jax import store
 from mosaic_jax.data import batching
 from mosaic_jax.probing import probe
 from mosaic_jax.sae import jumprelu
-from mosaic_jax.variants import TOP_N_POOLINGS, HiddenVariant, SAEKey, Variant
+from mosaic_jax.variants import (TOP_N_POOLINGS, HiddenVariant, PeakPosition, SAEKey,
+                                 Variant)
 
-FeatureKey = Variant | HiddenVariant
+FeatureKey = Variant | HiddenVariant | PeakPosition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,14 @@ class FeatureSpec:
     hidden: tuple[tuple[HiddenVariant, int], ...]  # hidden baselines, position in `layers`
     threshold: float                             # binarization: x > threshold
     chunk_size: int                              # width block of the fused encode (0: off)
+
+    @property
+    def peaks(self) -> tuple[SAEKey, ...]:
+        """SAEs whose max pooling also returns where it peaks (PeakPosition): those with an
+        unbinarized 'max' variant, unless the encode is chunked over the width."""
+        if self.chunk_size:
+            return ()
+        return tuple(k for k, _ in self.saes if Variant(k, 'max') in self.variants)
 
     @classmethod
     def build(cls, *, layers: Sequence[int], config_layers: Sequence[int],
@@ -108,20 +117,27 @@ def compute_features(model, sae_params: dict, input_ids, attention_mask, feature
         reads text only.
     Returns:
       ({Variant: [B, F]} (float32, or uint8 when binarized),
-       {HiddenVariant: float32[B, D]} for the hidden-state baselines).
+       {HiddenVariant: float32[B, D]} for the hidden-state baselines,
+       {PeakPosition: int16[B, F]} for spec.peaks). Three dicts: a pytree's keys must sort.
     """
     if pixel_values is None:
         resid = model.residuals(input_ids, attention_mask, spec.layers)  # [n, B, L, D]
     else:
         resid = model.residuals(input_ids, attention_mask, spec.layers, pixel_values)
-    out = {}
+    out, peaks = {}, {}
     for key, li in spec.saes:
         mine = [v for v in spec.variants if v.sae == key]
         acts = None if spec.chunk_size else jumprelu.encode(sae_params[key], resid[li])
         for pooling in dict.fromkeys(v.pooling for v in mine):
             tops = tuple(sorted({v.top_n for v in mine if v.pooling == pooling}))
-            pooled = _pooled(sae_params[key], resid[li], acts, feature_mask, pooling, tops,
-                             spec.chunk_size)
+            if pooling == 'max' and key in spec.peaks:
+                first = jnp.argmax(attention_mask, axis=1)  # left padding: text positions
+                m, peaks[PeakPosition(key)] = features.max_and_position(acts, feature_mask,
+                                                                        first)
+                pooled = {0: m}
+            else:
+                pooled = _pooled(sae_params[key], resid[li], acts, feature_mask, pooling,
+                                 tops, spec.chunk_size)
             for v in mine:
                 if v.pooling != pooling:
                     continue
@@ -134,7 +150,7 @@ def compute_features(model, sae_params: dict, input_ids, attention_mask, feature
         # baseline averages the same positions as the SAE poolings.
         mask = attention_mask if hv.pooling == 'last' else feature_mask
         hidden[hv] = features.pool(resid[li], mask, hv.pooling)
-    return out, hidden
+    return out, hidden, peaks
 
 
 def feature_mask(input_ids: np.ndarray, attention_mask: np.ndarray, bos_id: int | None,
@@ -175,8 +191,9 @@ class Extractor:
                              f'pixel_values {"missing" if self.images else "given"}')
         rows = (input_ids, attention_mask, feature_mask)
         args = self.devices.split(*rows, *(() if pixel_values is None else (pixel_values,)))
-        sae_out, hidden = self.devices.gather(self._step(self._state, self._saes, *args))
-        return {**sae_out, **hidden}
+        sae_out, hidden, peaks = self.devices.gather(self._step(self._state, self._saes,
+                                                                *args))
+        return {**sae_out, **hidden, **peaks}
 
     def lowered_text(self, input_ids, attention_mask, feature_mask) -> str:
         args = self.devices.split(input_ids, attention_mask, feature_mask)
@@ -326,6 +343,7 @@ def store_groups(spec: FeatureSpec, model_fp: Any, sae_fps: dict, *, bos_id,
     out = []
     for key, li in spec.saes:
         mine = tuple(v for v in spec.variants if v.sae == key)
+        mine += (PeakPosition(key),) if key in spec.peaks else ()
         ident = dict(base, block=spec.layers[li], sae=sae_fps[key],
                      variants=[v.name for v in mine], threshold=spec.threshold)
         out.append(StoreGroup(store.digest(ident), mine,
@@ -499,7 +517,7 @@ def make_fused_step(graphdef, spec: FeatureSpec, variant: Variant,
 
     def step(state, saes, params, opt_state, ids, mask, fmask, labels, weights, valid):
         with jax.named_scope('features'):
-            sae_out, _ = compute_features(nnx.merge(graphdef, state), saes, ids, mask, fmask,
+            sae_out, _, _ = compute_features(nnx.merge(graphdef, state), saes, ids, mask, fmask,
                                           spec)
         x = sae_out[variant].astype(jnp.float32)
         return train_step(params, opt_state, x, labels, weights, valid)

@@ -107,3 +107,23 @@ class HiddenVariant:
 
     def __str__(self) -> str:
         return self.full_name
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class PeakPosition:
+    """Where each feature of one SAE peaks in each text, beside its max pooling: int16[N, F],
+    the position in the text's token ids of the max-pooled value (the first such token),
+    0 where the feature never fires. Not a probe variant: the explanations read it, so they
+    need no second pass over the texts."""
+    sae: SAEKey
+
+    @property
+    def name(self) -> str:
+        return 'max_position'
+
+    @property
+    def full_name(self) -> str:
+        return f'{self.sae.name}/{self.name}'
+
+    def __str__(self) -> str:
+        return self.full_name

@@ -40,7 +40,7 @@ from mosaic_jax.probing import probe
 from mosaic_jax.probing import saved as saved_lib
 from mosaic_jax.probing.evaluation import ProbeOptions, ProbeResult
 from mosaic_jax.report import page as report_page
-from mosaic_jax.variants import SAEKey, Variant
+from mosaic_jax.variants import PeakPosition, SAEKey, Variant
 
 
 @dataclasses.dataclass
@@ -315,6 +315,7 @@ def _explain(ctx: Context, prep: Prepared, rows: list[dict], feats) -> None:
         lambda rows: ctx.batches(prep.ids, rows), bos_id=ctx.tokenizer.bos_token_id,
         include_special=ctx.config.features.include_special, k=int(e.top_k),
         examples=int(e.examples), max_pooled=feats[max_v] if max_v in feats else None,
+        peaks=feats[PeakPosition(key)] if PeakPosition(key) in feats else None,
         groups=prep.groups)
     path = results.explanations_path(_run_folder(ctx), prep.ds.name, key.layer, key.width)
     ctx.pending.append(functools.partial(checkpoint.atomic_write_json, path,

@@ -17,8 +17,11 @@ Written to `<run>/features/<dataset>_layer_<L>_<width>.json` as
   {"classes": {label: [{"feature", "weight", "score", "density", "class_means",
                         "examples": [{"text_index", "token", "context", "token_span",
                                       "activation"}]}]}, ...}.
-When the run pooled the SAE with 'max' too (the default), the top texts and densities come
-from those stored features and the pass runs over the top texts only.
+When the run pooled the SAE with 'max' too (the default), the top texts, activations and
+densities come from those features, and the firing tokens from the positions the extraction
+recorded beside them (variants.PeakPosition): no pass runs at all. Without them (no max
+pooling, or a width-chunked encode) the pass runs over the top texts only, or over every
+training text when there is no max pooling.
 """
 from __future__ import annotations
 
@@ -60,6 +63,22 @@ def _top_rows(m: np.ndarray, n: int, groups: np.ndarray | None) -> list[int]:
     return out
 
 
+def _means(x: np.ndarray, rows: np.ndarray, y: np.ndarray, n_classes: int,
+           block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(f64[F] mean of x over `rows`, f64[C, F] the mean per class, NaN for an absent
+    class), read `block` rows at a time so no [n, F] copy of a wide SAE's features exists."""
+    total = np.zeros(x.shape[1])
+    per = np.zeros((n_classes, x.shape[1]))
+    for a in range(0, len(rows), block):
+        xb, yb = np.asarray(x[rows[a:a + block]], np.float64), y[a:a + block]
+        total += xb.sum(0)
+        for c in np.unique(yb):
+            per[c] += xb[yb == c].sum(0)
+    count = np.bincount(y, minlength=n_classes).astype(np.float64)
+    with np.errstate(invalid='ignore', divide='ignore'):
+        return total / max(len(rows), 1), per / count[:, None]
+
+
 def _context(tokenizer, ids, pos: int) -> dict:
     """The firing token and a window around it, decoded; token_span marks the token."""
     a, b = max(0, pos - CONTEXT[0]), min(len(ids), pos + CONTEXT[1] + 1)
@@ -73,7 +92,7 @@ def _context(tokenizer, ids, pos: int) -> dict:
 def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: np.ndarray,
             train: np.ndarray, class_names, batches_fn, *, bos_id, include_special: bool,
             k: int = 10, examples: int = 5, max_pooled: np.ndarray | None = None,
-            groups: np.ndarray | None = None) -> dict:
+            peaks: np.ndarray | None = None, groups: np.ndarray | None = None) -> dict:
     """The explanations JSON of one selected SAE probe (see module docstring).
 
     Args:
@@ -82,27 +101,34 @@ def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: 
       max_pooled: the same SAE's max-pooled features [N, F] when the run has them: then
         the top texts and the density are read from them and the pass runs over those top
         texts only (it finds the firing token), not over every training text.
+      peaks: int[N, F] where each max-pooled value is reached (PeakPosition), with
+        max_pooled: then no pass runs.
       groups: int[N] text-copy ids (splits.text_groups): copies count as one text.
     """
     train = np.asarray(train)
     tg = None if groups is None else np.asarray(groups)[train]
-    xt = np.asarray(x[train], np.float32)
+    y = np.asarray(labels)[train]
+    mean, class_mean = _means(x, train, y, len(class_names))
     coef = probe.raw_coef(res.params)[0]
-    tops = ranked(coef, xt.mean(0), class_names, k)
+    tops = ranked(coef, mean, class_names, k)
     feats = sorted({j for v in tops.values() for j, _, _ in v})
     if not feats:
         return dict(classes={c: [] for c in tops}, n_train=len(train))
     if max_pooled is not None:
-        m_all = np.asarray(max_pooled[train][:, feats], np.float32)     # [n_train, K]
+        m_all = np.asarray(max_pooled[np.ix_(train, feats)], np.float32)  # [n_train, K]
         top = {j: _top_rows(m_all[:, i], examples, tg) for i, j in enumerate(feats)}
         rows = np.asarray(sorted({r for v in top.values() for r in v}), np.int64)
     else:
         m_all, top, rows = None, None, np.arange(len(train))
-    acts = steps.token_activations(model, sae, block, feats, batches_fn(train[rows]),
-                                   len(rows), bos_id=bos_id, include_special=include_special)
+    if max_pooled is not None and peaks is not None:
+        acts = dict(max=m_all[rows], argmax=np.asarray(peaks[np.ix_(train[rows], feats)],
+                                                       np.int64))
+    else:
+        acts = steps.token_activations(model, sae, block, feats, batches_fn(train[rows]),
+                                       len(rows), bos_id=bos_id,
+                                       include_special=include_special)
     where = {int(r): i for i, r in enumerate(rows)}  # training position -> pass row
     col = {j: i for i, j in enumerate(feats)}         # feature -> pass column
-    y = np.asarray(labels)[train]
     out = {}
     for name, entries in tops.items():
         out[name] = []
@@ -119,10 +145,11 @@ def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: 
                   for r in best]
             out[name].append(dict(
                 feature=j, weight=w, score=score, density=density,
-                class_means={str(c): float(xt[y == ci, j].mean()) if (y == ci).any() else None
-                             for ci, c in enumerate(class_names)},
+                class_means={str(c): None if np.isnan(class_mean[ci, j])
+                             else float(class_mean[ci, j]) for ci, c in enumerate(class_names)},
                 examples=ex))
-    return dict(classes=out, n_train=len(train), n_pass_texts=len(rows),
+    return dict(classes=out, n_train=len(train),
+                n_pass_texts=len(rows) if 'fires' in acts else 0,
                 variant=res.key.name,
                 weight_sign='towards the positive class (label 1)' if coef.shape[1] == 1
                 else 'towards the class')

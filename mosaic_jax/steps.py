@@ -12,6 +12,7 @@ single) is `parallel.Devices`' business; nothing here branches on the device cou
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Sequence
 
 from absl import logging
@@ -125,25 +126,21 @@ def compute_features(model, sae_params: dict, input_ids, attention_mask, feature
     else:
         resid = model.residuals(input_ids, attention_mask, spec.layers, pixel_values)
     out, peaks = {}, {}
+    first = jnp.argmax(attention_mask, axis=1)  # left padding: where each text starts
     for key, li in spec.saes:
-        mine = [v for v in spec.variants if v.sae == key]
-        acts = None if spec.chunk_size else jumprelu.encode(sae_params[key], resid[li])
-        for pooling in dict.fromkeys(v.pooling for v in mine):
-            tops = tuple(sorted({v.top_n for v in mine if v.pooling == pooling}))
-            if pooling == 'max' and key in spec.peaks:
-                first = jnp.argmax(attention_mask, axis=1)  # left padding: text positions
-                m, peaks[PeakPosition(key)] = features.max_and_position(acts, feature_mask,
-                                                                        first)
-                pooled = {0: m}
-            else:
-                pooled = _pooled(sae_params[key], resid[li], acts, feature_mask, pooling,
-                                 tops, spec.chunk_size)
-            for v in mine:
-                if v.pooling != pooling:
-                    continue
-                x = pooled[v.top_n]
-                out[v] = (features.binarize(x, spec.threshold).astype(jnp.uint8)
-                          if v.binarized else x)
+        fn = functools.partial(_sae_features, sae_params[key], key=key, spec=spec)
+        rows = _row_chunk(*resid[li].shape[:2], sae_params[key].width)
+        if rows == len(first):
+            got = fn(resid[li], feature_mask, first)
+        else:
+            # A wide SAE's codes [B, L, F] are gigabytes: encode and pool `rows` texts at a
+            # time (texts are independent, so the features are the same).
+            split = lambda a: a.reshape((-1, rows) + a.shape[1:])  # noqa: E731
+            got = jax.lax.map(lambda a: fn(*a), (split(resid[li]), split(feature_mask),
+                                                 split(first)))
+            got = jax.tree.map(lambda a: a.reshape((-1,) + a.shape[2:]), got)
+        out.update(got[0])
+        peaks.update(got[1])
     hidden = {}
     for hv, li in spec.hidden:
         # MOSAIC's hidden baseline reads the last real token (attention mask); the mean
@@ -151,6 +148,39 @@ def compute_features(model, sae_params: dict, input_ids, attention_mask, feature
         mask = attention_mask if hv.pooling == 'last' else feature_mask
         hidden[hv] = features.pool(resid[li], mask, hv.pooling)
     return out, hidden, peaks
+
+
+# Largest [rows, L, F] float32 block of SAE codes one batch holds at once (`_row_chunk`).
+CODES_BYTES = 256 * 2**20
+
+
+def _row_chunk(batch: int, length: int, width: int) -> int:
+    """The most texts of a batch whose codes fit CODES_BYTES (a divisor of the batch;
+    the whole batch for the usual 4k-16k SAEs at a few hundred tokens)."""
+    fit = max(1, CODES_BYTES // max(1, length * width * 4))
+    return max(d for d in range(1, batch + 1) if batch % d == 0 and d <= fit)
+
+
+def _sae_features(params, x, fmask, first, *, key: SAEKey, spec: FeatureSpec
+                  ) -> tuple[dict, dict]:
+    """One SAE's variants ({Variant: [B, F]}) and peak positions ({PeakPosition: [B, F]})
+    of residuals x [B, L, D]; first int[B]: where each text starts in its row."""
+    mine = [v for v in spec.variants if v.sae == key]
+    acts = None if spec.chunk_size else jumprelu.encode(params, x)
+    out, peaks = {}, {}
+    for pooling in dict.fromkeys(v.pooling for v in mine):
+        tops = tuple(sorted({v.top_n for v in mine if v.pooling == pooling}))
+        if pooling == 'max' and key in spec.peaks:
+            m, peaks[PeakPosition(key)] = features.max_and_position(acts, fmask, first)
+            pooled = {0: m}
+        else:
+            pooled = _pooled(params, x, acts, fmask, pooling, tops, spec.chunk_size)
+        for v in mine:
+            if v.pooling == pooling:
+                x_v = pooled[v.top_n]
+                out[v] = (features.binarize(x_v, spec.threshold).astype(jnp.uint8)
+                          if v.binarized else x_v)
+    return out, peaks
 
 
 def feature_mask(input_ids: np.ndarray, attention_mask: np.ndarray, bos_id: int | None,

@@ -163,6 +163,19 @@ def test_width_chunked_extraction_equals_full(loaded):
         np.testing.assert_allclose(got[k], full[k], atol=1e-5, rtol=1e-5, err_msg=k)
 
 
+def test_row_chunked_extraction_equals_whole_batch(loaded, monkeypatch):
+    # A wide SAE's codes are encoded and pooled a few texts at a time (steps.CODES_BYTES);
+    # the features, peak positions included, are the whole batch's.
+    full = _extract(loaded, 'single')
+    assert steps._row_chunk(16, 32, WIDTH) == 16
+    monkeypatch.setattr(steps, 'CODES_BYTES', 4 * 32 * WIDTH * 4)  # 4 texts of 32 tokens
+    assert steps._row_chunk(16, 32, WIDTH) == 4 and steps._row_chunk(6, 32, WIDTH) == 3
+    got = _extract(loaded, 'single')
+    assert got.keys() == full.keys()
+    for k in full:
+        np.testing.assert_allclose(got[k], full[k], atol=1e-5, rtol=1e-5, err_msg=str(k))
+
+
 def test_include_special_counts_bos_but_never_padding(loaded):
     """include_special=True: BOS counts (MOSAIC), padding never does, so a text's `last` and
     `mean` features do not depend on how far its batch is padded."""

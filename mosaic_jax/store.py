@@ -241,17 +241,19 @@ class Group:
 
 class StoredFeatures(Mapping):
     """variant -> [N, F] read from the store on use, in the row order of the texts: what
-    `steps.extract` returns, holding only the last `held` variants densely in memory.
+    `steps.extract` returns, holding the most recently read variants densely in memory
+    while they total at most `held_bytes` (always the last one read): every variant of the
+    usual SAEs, one at a time of a 65k SAE over thousands of texts (1.3 GB each).
 
     Attributes:
       n_computed: how many of the texts this run extracted (the rest came from the store).
     """
 
     def __init__(self, groups: Mapping[Any, tuple[Group, str]], keys: np.ndarray, *,
-                 n_computed: int = 0, held: int = 2):
+                 n_computed: int = 0, held_bytes: int = 2**30):
         self._groups, self._keys = dict(groups), keys
         self._held: dict[Any, np.ndarray] = {}
-        self._max_held = held
+        self._max_bytes = int(held_bytes)
         self.n_computed = n_computed
 
     def __getitem__(self, variant) -> np.ndarray:
@@ -259,10 +261,13 @@ class StoredFeatures(Mapping):
             self._held[variant] = self._held.pop(variant)  # most recently used last
             return self._held[variant]
         group, name = self._groups[variant]
-        value = group.read(name, self._keys)
-        self._held[variant] = value
-        while len(self._held) > self._max_held:
+        # Make room first (the next variant is about the size of the largest held one),
+        # so a wide SAE's old variant is gone before its next one is decoded.
+        sizes = [a.nbytes for a in self._held.values()]
+        while sizes and sum(sizes) + max(sizes) > self._max_bytes:
             self._held.pop(next(iter(self._held)))
+            sizes.pop(0)
+        self._held[variant] = value = group.read(name, self._keys)
         return value
 
     def __contains__(self, variant) -> bool:  # a membership test reads nothing

@@ -1,6 +1,7 @@
 """probing.baselines: registry, TF-IDF on a real dataset, the decision tree (and its top
 features as results.tree_block reports them)."""
 import numpy as np
+import scipy.sparse
 import pytest
 from sklearn.metrics import f1_score
 
@@ -102,6 +103,16 @@ def test_decision_tree_sparse_fit_equals_dense_fit():
     np.testing.assert_allclose(sparse.tree_.threshold, dense.tree_.threshold)
     np.testing.assert_allclose(baselines.predict_proba(sparse, x, 2),
                                dense.predict_proba(x), rtol=1e-6)
+    # tree_matrix builds the CSR once (in row blocks); fits index its rows: the same tree.
+    m = baselines.tree_matrix(x, block=64)
+    assert scipy.sparse.isspmatrix_csr(m) and m.nnz == np.count_nonzero(x)
+    rows = np.arange(0, 300, 2)
+    got = baselines.fit('decision_tree', m[rows], y[rows], max_depth=4)
+    want = baselines.fit('decision_tree', x[rows], y[rows], max_depth=4)
+    np.testing.assert_array_equal(got.tree_.feature, want.tree_.feature)
+    np.testing.assert_array_equal(baselines.predict_proba(got, m, 2),
+                                  baselines.predict_proba(want, x, 2))
+    assert baselines.tree_matrix(np.ones((5, 4), np.float32)).shape == (5, 4)  # dense stays
 
 
 @pytest.mark.parametrize('name,rows', [('sae_probes:95_toxic_is', 600),

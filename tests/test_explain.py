@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from mosaic_jax import features
-from mosaic_jax import steps
 from mosaic_jax.data import batching
 from mosaic_jax.experiments import explain
 from mosaic_jax.probing import probe
@@ -40,7 +39,7 @@ def test_token_pass_matches_the_extracted_max_pooling(loaded, pad_side):  # noqa
     rows = np.arange(0, len(loaded['ids']), 3)
     batches = batching.batches([loaded['ids'][i] for i in rows], 16,
                                pad_id=loaded['tok'].pad_token_id, pad_side=pad_side)
-    got = steps.token_activations(loaded['model'], loaded['saes'][key], block, chosen,
+    got = explain.token_activations(loaded['model'], loaded['saes'][key], block, chosen,
                                   batches, len(rows), bos_id=loaded['tok'].bos_token_id,
                                   include_special=False)
     # Same forward and encoder columns: equal up to float32 rounding of different programs.

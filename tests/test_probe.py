@@ -476,6 +476,33 @@ def test_row_basis_fits_equal_fits_on_the_subset(num_classes):
         basis.fit_grid(np.arange(5), np.zeros(5, np.int64), cs)
 
 
+def test_rows_products_read_in_column_blocks_equal_the_dense_ones(monkeypatch):
+    """`_Rows` never copies [n, F]: its Gram and lift, block by block over the columns
+    (several blocks here), equal the products of the standardised row copy; a RowBasis of
+    (x, rows) equals one of x[rows]."""
+    r = np.random.default_rng(13)
+    x = (r.poisson(0.5, (70, 1000)) * r.uniform(0.5, 2.0, 1000)).astype(np.float32)
+    rows = np.sort(r.permutation(70)[:50])
+    mean, scale = x.mean(0), x.std(0) + 1.0
+    monkeypatch.setattr(probe, 'BLOCK_BYTES', 4 * 50 * 300)  # 300 columns: 4 blocks
+    xs = probe._Rows(x, rows, mean, scale)
+    assert len(list(xs.blocks())) == 4
+    dense = ((x[rows] - mean) / scale).astype(np.float64)
+    np.testing.assert_allclose(xs.gram(), dense @ dense.T, rtol=1e-5, atol=1e-3)
+    alpha = r.normal(size=(3, 50, 2)).astype(np.float32)
+    np.testing.assert_allclose(xs.lift(alpha), np.einsum('nf,gnc->gfc', dense, alpha),
+                               rtol=1e-4, atol=1e-4)
+    y = (x[:, :50].sum(1) > np.median(x[:, :50].sum(1))).astype(int)
+    fold = np.arange(0, 50, 2)
+    a = probe.RowBasis(x, rows).fit_grid(fold, y[rows][fold], (0.5,), **TIGHT)
+    b = probe.RowBasis(x[rows]).fit_grid(fold, y[rows][fold], (0.5,), **TIGHT)
+    np.testing.assert_allclose(a.w, b.w, rtol=0, atol=1e-4 * np.abs(np.asarray(b.w)).max())
+    bad = x.copy()
+    bad[rows[3], 900] = np.nan
+    with pytest.raises(ValueError, match='1 non-finite'):
+        probe.RowBasis(bad, rows)
+
+
 def test_factor_reproduces_the_gram_and_an_orthonormal_basis():
     r = np.random.default_rng(12)
     x = r.normal(size=(30, 50))

@@ -65,6 +65,20 @@ def test_group_reads_in_the_asked_order_and_drops_a_torn_shard(tmp_path, caplog)
     assert len(torn.missing(keys)) in (25, 15)  # that shard's texts: computed again
 
 
+def test_stored_features_hold_what_fits_the_byte_budget(tmp_path):
+    names = ('a', 'b', 'c')
+    g = store.Group.open(str(tmp_path), 'g', names, {})
+    keys = store.text_keys([[1, 2], [3], [4, 5, 6]])
+    vals = {n: np.full((3, 100), i + 1, np.float32) for i, n in enumerate(names)}  # 1200 B
+    g.write(keys, vals)
+    for budget, held in ((10_000, 3), (2_000, 1)):
+        f = store.StoredFeatures({n: (g, n) for n in names}, keys, held_bytes=budget)
+        for n in names:
+            np.testing.assert_array_equal(f[n], vals[n])
+        assert list(f._held) == list(names[-held:])  # the last read always stays
+        assert f['c'] is f['c']                       # a held variant is not read again
+
+
 def test_text_keys_follow_the_token_ids():
     k = store.text_keys([[2, 5, 6], [2, 5, 6], [2, 5], [5, 6]])
     assert (k[0] == k[1]).all() and not (k[0] == k[2]).all() and not (k[0] == k[3]).all()

@@ -6,8 +6,7 @@ score = (raw probe weight towards the class) x (mean pooled value of the feature
 training texts), i.e. how much the feature moves an average training text towards the
 class. For a binary probe (one logit) the weight towards class 1 is w and towards class 0
 is -w; `weight` in the output is always signed towards the positive class (label 1).
-One extra pass over the training texts encodes only those features' encoder columns
-(`steps.token_activations`) and keeps, per feature:
+Per feature it keeps:
   * up to `examples` top-activating texts (one example per distinct text, copies counted
     once: its maximum over tokens),
     with the firing token and a window of `context` tokens around it;
@@ -20,15 +19,23 @@ Written to `<run>/features/<dataset>_layer_<L>_<width>.json` as
 When the run pooled the SAE with 'max' too (the default), the top texts, activations and
 densities come from those features, and the firing tokens from the positions the extraction
 recorded beside them (variants.PeakPosition): no pass runs at all. Without them (no max
-pooling, or a width-chunked encode) the pass runs over the top texts only, or over every
-training text when there is no max pooling.
+pooling, or a width-chunked encode) one pass (`token_activations`: the forward to the
+SAE's layer and only the chosen features' encoder columns) finds them, over the top texts
+only when max pooling picked them, over every training text when there is none.
 """
 from __future__ import annotations
 
+from typing import Iterable, Sequence
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from mosaic_jax import steps
+from mosaic_jax.data import batching
 from mosaic_jax.probing import probe
+from mosaic_jax.sae import jumprelu
 
 CONTEXT = (8, 4)  # tokens kept before / after the firing token
 
@@ -124,7 +131,7 @@ def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: 
         acts = dict(max=m_all[rows], argmax=np.asarray(peaks[np.ix_(train[rows], feats)],
                                                        np.int64))
     else:
-        acts = steps.token_activations(model, sae, block, feats, batches_fn(train[rows]),
+        acts = token_activations(model, sae, block, feats, batches_fn(train[rows]),
                                        len(rows), bos_id=bos_id,
                                        include_special=include_special)
     where = {int(r): i for i, r in enumerate(rows)}  # training position -> pass row
@@ -153,3 +160,70 @@ def explain(model, tokenizer, sae, block: int, res, x: np.ndarray, ids, labels: 
                 variant=res.key.name,
                 weight_sign='towards the positive class (label 1)' if coef.shape[1] == 1
                 else 'towards the class')
+
+
+def token_activations(model, params, block: int, features: Sequence[int],
+                      batches: Iterable[batching.Batch], n: int, *, bos_id,
+                      include_special: bool) -> dict[str, np.ndarray]:
+    """Per text, where a few SAE features fire: the explanation pass.
+
+    Only the chosen features' encoder columns are applied (an SAE of those columns), so
+    the pass costs the forward to `block` plus a [D, K] matmul.
+
+    Returns:
+      max f32[N, K] (largest activation over the text's pooled tokens), argmax int32[N, K]
+      (its position in the text's token ids), fires int32[N, K] (tokens where it fires), tokens int32[N]
+      (pooled tokens of the text).
+    """
+    idx = np.asarray(features, np.int64)
+    sub, k = _feature_columns(params, idx), len(idx)
+    step, state = _token_step(model, block)
+    out = dict(max=np.zeros((n, len(idx)), np.float32), argmax=np.zeros((n, len(idx)), np.int32),
+               fires=np.zeros((n, len(idx)), np.int32), tokens=np.zeros(n, np.int32))
+    for bt in batches:
+        fmask = steps.feature_mask(bt.input_ids, bt.attention_mask, bos_id, include_special)
+        got = jax.device_get(step(state, sub, bt.input_ids, bt.attention_mask, fmask))
+        valid = np.asarray(bt.valid, bool)
+        rows = np.asarray(bt.index)[valid]
+        for key, v in zip(('max', 'argmax', 'fires', 'tokens'), got):
+            v = np.asarray(v)[valid]
+            out[key][rows] = v[:, :k] if v.ndim == 2 else v  # padded columns dropped
+    return out
+
+
+_TOKEN_STEP: list = []  # [model, block, compiled step, model state]: the last one built
+
+
+def _token_step(model, block: int):
+    """The explanation pass's compiled step for one model and block (built once; its
+    shapes depend on the batch and on the padded feature count only, so datasets and
+    runs share executables). The model itself is kept and compared by identity, so a
+    later model can never reuse another's state."""
+    if not (_TOKEN_STEP and _TOKEN_STEP[0] is model and _TOKEN_STEP[1] == int(block)):
+        graphdef, state = nnx.split(model)
+
+        @jax.jit
+        def step(state, sub, ids, mask, fmask):
+            resid = nnx.merge(graphdef, state).residuals(ids, mask, (block,))[0]  # [B, L, D]
+            act = jumprelu.encode(sub, resid) * fmask[..., None]                  # [B, L, K]
+            first = jnp.argmax(mask, axis=1)[:, None]  # left padding: positions from the text
+            return act.max(1), act.argmax(1) - first, (act > 0).sum(1), fmask.sum(1)
+        _TOKEN_STEP[:] = [model, int(block), step, state]
+    return _TOKEN_STEP[2], _TOKEN_STEP[3]
+
+
+def _feature_columns(params, idx: np.ndarray, multiple: int = 64):
+    """An SAE of only the encoder columns `idx`, padded to a multiple of 64 columns with
+    columns that never fire (threshold +inf), so every feature set of a size class shares
+    one program; `jumprelu.encode` of it equals `encode(params)[..., idx]`."""
+    k = len(idx)
+    pad = -(-k // multiple) * multiple - k
+    w = np.asarray(params.w_enc)[:, idx]
+    d = w.shape[0]
+    return jumprelu.SAEParams(
+        w_enc=jnp.asarray(np.pad(w, ((0, 0), (0, pad)))),
+        b_enc=jnp.asarray(np.pad(np.asarray(params.b_enc)[idx], (0, pad))),
+        threshold=jnp.asarray(np.pad(np.asarray(params.threshold)[idx], (0, pad),
+                                     constant_values=np.inf)),
+        w_dec=jnp.zeros((k + pad, d), jnp.float32), b_dec=jnp.asarray(params.b_dec),
+        apply_b_dec_to_input=params.apply_b_dec_to_input)

@@ -129,6 +129,18 @@ def fit_grid(name: str, x_train, y_train, Cs: Sequence[float], **options) -> lis
 SPARSE_FIT_DENSITY = 0.1  # trees fit on a CSC copy below this fraction of nonzeros
 
 
+def tree_matrix(x: np.ndarray, block: int = 1024):
+    """x as the trees read it: a CSR matrix when under SPARSE_FIT_DENSITY of it is nonzero
+    (built `block` rows at a time, so no dense temporary of the whole matrix), else x.
+    Index its rows (`m[rows]`) for each fit instead of copying dense rows."""
+    x = np.asarray(x)
+    nnz = sum(int(np.count_nonzero(x[a:a + block])) for a in range(0, len(x), block))
+    if x.ndim != 2 or nnz >= SPARSE_FIT_DENSITY * x.size:
+        return x
+    return scipy.sparse.vstack([scipy.sparse.csr_matrix(x[a:a + block])
+                                for a in range(0, len(x), block)], format='csr')
+
+
 @register('decision_tree')
 def decision_tree(x_train, y_train, *, num_classes: int | None = None, seed: int = 0,
                   max_depth: int = 5, min_samples_leaf: int = 1) -> Any:
@@ -136,15 +148,21 @@ def decision_tree(x_train, y_train, *, num_classes: int | None = None, seed: int
     chooses depth and leaf size on validation, see evaluation.fit_tree). Its few splits make
     it the readable baseline MOSAIC reports (`results.tree_block` lists its top features).
 
-    x_train: f32[N, F] (e.g. pooled SAE features); y_train: int[N_train] in 0..C-1.
+    x_train: f32[N, F] (e.g. pooled SAE features) or `tree_matrix`'s CSR rows; y_train:
+    int[N_train] in 0..C-1.
     """
     from sklearn.tree import DecisionTreeClassifier
     y, _ = _labels(y_train, num_classes)
-    x_train = np.asarray(x_train)
+    if scipy.sparse.issparse(x_train):  # tree_matrix's CSR rows
+        x_train = scipy.sparse.csc_matrix(x_train)
+    else:
+        x_train = np.asarray(x_train)
     if x_train.ndim != 2 or x_train.shape[0] != len(y):
         raise ValueError(f'x_train must be [N, F] with N={len(y)} rows, got {x_train.shape}')
     model = DecisionTreeClassifier(max_depth=max_depth, min_samples_leaf=min_samples_leaf,
                                    class_weight='balanced', random_state=seed)
+    if scipy.sparse.issparse(x_train):
+        return model.fit(x_train, y)
     if np.count_nonzero(x_train) < SPARSE_FIT_DENSITY * x_train.size:
         # Pooled SAE features are mostly zeros: sklearn's sparse splitter sorts only the
         # nonzeros of each column (720 x 16k top-20 counts, depth 5: 0.46 s -> 0.04 s). It

@@ -171,7 +171,7 @@ def probe_fitter(x: np.ndarray, y: np.ndarray, opts: ProbeOptions, num_classes: 
     if (shared_rows is not None and not opts.standardize and opts.solver == 'lbfgs'
             and len(shared_rows) < x.shape[1]):
         shared_rows = np.sort(np.asarray(shared_rows))
-        basis = probe.RowBasis(x[shared_rows])
+        basis = probe.RowBasis(x, shared_rows)
 
     def fit_grid(rows, Cs):
         if basis is None:
@@ -238,6 +238,8 @@ def fit_tree(key, x: np.ndarray, y: np.ndarray, splits, opts: ProbeOptions, *,
              num_classes: int, groups: np.ndarray | None = None) -> ProbeResult:
     """The decision tree on SAE features: (max_depth, min_samples_leaf) chosen on
     validation / CV, then refitted on train + val (MOSAIC's recipe) and scored on test."""
+    x = baselines.tree_matrix(x)  # sparse once, not per fit
+
     def fit_all(rows, only: int | None = None) -> list[Fitted]:
         grid = TREE_GRID if only is None else (TREE_GRID[only],)
         out = []

@@ -109,6 +109,9 @@ def main() -> None:
             out['store_size_65k_5000_texts'] = _store_size(os.path.join(tmp, 'w65k',
                                                                         '_features'))
             print('65k', out['store_65k_5000'], flush=True)
+    if (a.only_65k or a.skip_65k) and os.path.exists(a.out):
+        with open(a.out) as f:  # a partial run updates its own entries only
+            out = {**json.load(f), **out}
     with open(a.out, 'w') as f:
         json.dump(out, f, indent=2)
     print(json.dumps(out, indent=2))

@@ -36,6 +36,17 @@ def test_compute_matches_sklearn(c):
     assert all(isinstance(v, float) for v in got.values())
 
 
+@pytest.mark.parametrize('c', [2, 3])
+def test_compute_equals_the_registered_sklearn_functions_with_ties(c):
+    # compute() takes the vectorised path; the registered functions are sklearn calls.
+    y, proba = _random_task(40, c, seed=20 + c)
+    proba = np.round(proba, 1)  # tied scores and tied argmax rows
+    got = metrics.compute(y, proba, ALL)
+    for name in ALL:
+        np.testing.assert_allclose(got[name], metrics.get(name)(y, proba), rtol=0,
+                                   atol=1e-12, err_msg=name)
+
+
 def test_compute_subset_and_unknown_name():
     y, proba = _random_task(50, 3, seed=0)
     assert list(metrics.compute(y, proba, names=['accuracy'])) == ['accuracy']
@@ -123,7 +134,8 @@ def test_resample_statistics_equal_sklearn_on_the_resampled_rows(c):
     idx = metrics.resample_indices(len(y), 40, seed=5)
     got = metrics.resample_statistics(y, proba, ALL, idx)
     for name in ALL:
-        want = np.array([metrics.compute(y[i], proba[i], [name])[name] for i in idx])
+        fn = metrics.get(name)  # the registered sklearn definition
+        want = np.array([fn(y[i], proba[i]) for i in idx])
         # Same counts, different summation order (and AUC via Mann-Whitney vs sklearn's
         # trapezoid): agreement to a few float64 ulps.
         np.testing.assert_allclose(got[name], want, rtol=0, atol=1e-12, equal_nan=True,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
 from typing import Iterator, Sequence
 
@@ -123,10 +124,26 @@ def grouped_folds(y: np.ndarray, rows: np.ndarray, groups: np.ndarray | None, k:
       y: int[N] labels of the whole dataset; rows: int[M] the rows to cut (never test rows).
       groups: int[N] text-copy ids, or None (every row its own group).
     """
-    rows = np.sort(np.asarray(rows))
+    rows = np.sort(np.asarray(rows, np.int64))
     g = np.arange(len(y)) if groups is None else np.asarray(groups)
-    folds = StratifiedGroupKFold(n_splits=int(k), shuffle=True, random_state=int(seed))
-    return [(rows[a], rows[b]) for a, b in folds.split(rows, np.asarray(y)[rows], g[rows])]
+    yr, gr = np.asarray(y, np.int64)[rows], np.asarray(g, np.int64)[rows]
+    # Every method of a dataset asks for the same folds; sklearn's greedy group assignment
+    # takes ~0.2 s per call on a thousand rows, so equal inputs share one computation.
+    cut = _fold_positions(rows.tobytes(), yr.tobytes(), gr.tobytes(), int(k), int(seed))
+    return [(rows[a], rows[b]) for a, b in cut]
+
+
+@functools.lru_cache(maxsize=32)
+def _fold_positions(rows: bytes, y: bytes, groups: bytes, k: int, seed: int):
+    """((fit positions, score positions), ...) of StratifiedGroupKFold on the int64 arrays
+    given as bytes (hashable, so equal calls hit the cache); read-only arrays."""
+    y_, g = np.frombuffer(y, np.int64), np.frombuffer(groups, np.int64)
+    folds = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    out = []
+    for a, b in folds.split(np.zeros(len(y_)), y_, g):
+        a.flags.writeable = b.flags.writeable = False
+        out.append((a, b))
+    return tuple(out)
 
 
 def _majority(labels: np.ndarray, group: np.ndarray, num_groups: int) -> np.ndarray:

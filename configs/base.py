@@ -117,6 +117,9 @@ def get_config(arg=None):
     # 'cached': extract pooled features once, then fit every probe from them (default).
     # 'fused': one compiled step does forward -> SAE -> pool -> probe update (streaming).
     c.probe.train = 'cached'
+    # Threads fitting a dataset's probes side by side (cached training; results equal one
+    # thread's). A dense variant of over 1 GiB (a 65k SAE over thousands of texts) uses 1.
+    c.probe.threads = 2
     # Fused training: epochs over the training split, Adam learning rate, and which
     # pooling/binarize variant and C the single streamed probe uses.
     c.probe.fused_epochs = 3

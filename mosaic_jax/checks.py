@@ -120,6 +120,8 @@ def _probe_problems(config) -> list[str]:
     _choice(problems, 'probe.sparse_method', pc.sparse_method, ('mean_diff', 'l1'))
     if any(int(k) != k or k < 0 for k in pc.sparse_k):
         problems.append(f'probe.sparse_k={tuple(pc.sparse_k)} must be integers >= 0 (0 = all)')
+    if int(pc.threads) != pc.threads or pc.threads < 1:
+        problems.append(f'probe.threads={pc.threads} must be an integer >= 1')
     if not pc.Cs or any(c <= 0 for c in pc.Cs):
         problems.append(f'probe.Cs={tuple(pc.Cs)} must be non-empty and positive')
     return problems

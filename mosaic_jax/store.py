@@ -26,6 +26,7 @@ import io
 import json
 import os
 import shutil
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 
 from absl import logging
@@ -254,21 +255,23 @@ class StoredFeatures(Mapping):
         self._groups, self._keys = dict(groups), keys
         self._held: dict[Any, np.ndarray] = {}
         self._max_bytes = int(held_bytes)
+        self._lock = threading.Lock()  # the probe stage reads from several threads
         self.n_computed = n_computed
 
     def __getitem__(self, variant) -> np.ndarray:
-        if variant in self._held:
-            self._held[variant] = self._held.pop(variant)  # most recently used last
-            return self._held[variant]
-        group, name = self._groups[variant]
-        # Make room first (the next variant is about the size of the largest held one),
-        # so a wide SAE's old variant is gone before its next one is decoded.
-        sizes = [a.nbytes for a in self._held.values()]
-        while sizes and sum(sizes) + max(sizes) > self._max_bytes:
-            self._held.pop(next(iter(self._held)))
-            sizes.pop(0)
-        self._held[variant] = value = group.read(name, self._keys)
-        return value
+        with self._lock:
+            if variant in self._held:
+                self._held[variant] = self._held.pop(variant)  # most recently used last
+                return self._held[variant]
+            group, name = self._groups[variant]
+            # Make room first (the next variant is about the size of the largest held
+            # one), so a wide SAE's old variant is gone before its next one is decoded.
+            sizes = [a.nbytes for a in self._held.values()]
+            while sizes and sum(sizes) + max(sizes) > self._max_bytes:
+                self._held.pop(next(iter(self._held)))
+                sizes.pop(0)
+            self._held[variant] = value = group.read(name, self._keys)
+            return value
 
     def __contains__(self, variant) -> bool:  # a membership test reads nothing
         return variant in self._groups

@@ -307,6 +307,33 @@ def test_main_tiny_end_to_end(tiny, tmp_path):
     _check_audit(tmp_path, rows, files)
 
 
+def test_probe_threads_change_no_result(tiny, tmp_path):
+    """probe.threads=3 fits the probes side by side: summary rows (order included) and the
+    result JSONs equal one thread's, seconds aside. The second run reads the store."""
+    extra = ('--config.probe.sparse_k=(5,)', "--config.features.pooling=('mean','max')",
+             "--config.baselines=('hidden_mean','hidden_last','tfidf','decision_tree')")
+    for run, n in (('t1', 1), ('t3', 3)):
+        r = _main(tiny, tmp_path, f'--config.run_id={run}', f'--config.probe.threads={n}',
+                  *extra)
+        assert r.returncode == 0, r.stderr[-4000:]
+
+    def table(run):
+        rows = list(csv.DictReader(open(tmp_path / 'tiny' / '_runs' / run / 'summary.csv')))
+        return [{k: v for k, v in r.items() if k != 'seconds'} for r in rows]
+
+    def strip(x):  # result JSONs without clocks and the two settings that differ
+        if isinstance(x, dict):
+            return {k: strip(v) for k, v in x.items()
+                    if 'second' not in k and k not in ('timestamp', 'run_id', 'threads')}
+        return [strip(v) for v in x] if isinstance(x, list) else x
+
+    one, three = table('t1'), table('t3')
+    assert len(one) > 10 and one == three
+    for f in sorted(glob.glob(f'{tmp_path}/tiny/95_toxic_is/layer_*/{WIDTH}/t1/*.json')):
+        g = f.replace('/t1/', '/t3/')
+        assert strip(json.load(open(f))) == strip(json.load(open(g))), f
+
+
 def _check_audit(workdir, rows, files):
     """The numbers of a run survive an audit: no text in two splits, one macro-F1 in the
     JSON and the summary, an interval around every test score, one selected row per kind."""

@@ -31,6 +31,7 @@ from mosaic_jax.data import splits as splits_lib
 from mosaic_jax.experiments import assets
 from mosaic_jax.experiments import experiment
 from mosaic_jax.experiments import inputs
+from mosaic_jax.experiments import probe_stage
 from mosaic_jax.experiments import regimes as regimes_lib
 from mosaic_jax.experiments.regimes import Kind, Regime
 
@@ -189,7 +190,7 @@ def _dataset(ctx: experiment.Context, opts: Options, name: str, timings: dict
                 prep = _prepared(ds, tuple(sp), ids, n_trunc, groups, regime, opts.regimes,
                                  config.seed)
                 rfeats = feats
-            got = experiment.probe_dataset(ctx, prep, rfeats, {})
+            got = probe_stage.probe_dataset(ctx, prep, rfeats, {})
         except (ValueError, UserError) as e:
             problems.append(dict(dataset=name, regime=regime.name, error=str(e)))
             logging.warning('benchmark: %s, regime %s skipped: %s', name, regime.name, e)

@@ -31,16 +31,16 @@ from mosaic_jax.experiments import explain as explain_lib
 from mosaic_jax.experiments import image_run
 from mosaic_jax.experiments import inputs
 from mosaic_jax.experiments import predict
+from mosaic_jax.experiments import probe_stage
 from mosaic_jax.experiments import transfer as transfer_lib
 from mosaic_jax.experiments.inputs import audit_texts
 from mosaic_jax.probing import baselines
 from mosaic_jax.probing import evaluation
-from mosaic_jax.probing import feature_selection
 from mosaic_jax.probing import probe
 from mosaic_jax.probing import saved as saved_lib
 from mosaic_jax.probing.evaluation import ProbeOptions, ProbeResult
 from mosaic_jax.report import page as report_page
-from mosaic_jax.variants import PeakPosition, SAEKey, Variant
+from mosaic_jax.variants import PeakPosition, Variant
 
 
 @dataclasses.dataclass
@@ -265,7 +265,7 @@ def _dataset(ctx: Context, name: str, ds: data_loading.LabeledTexts, timings: di
                         split_audit=dataclasses.asdict(sp.audit),
                         selection=ctx.opts.select.value,
                         extract_seconds=timings[f'{name}/extract'])
-            seed_rows = probe_dataset(sctx, prep, feats, meta)
+            seed_rows = probe_stage.probe_dataset(sctx, prep, feats, meta)
         rows += mark_selected(seed_rows, seed)
         if sctx.writer and feats is not None and not image_run.is_images(ds):  # text-only
             t_explain = time.perf_counter()
@@ -340,126 +340,6 @@ def mark_selected(rows: list[dict], seed: int, by=('kind',)) -> list[dict]:
     return [dict(r, seed=seed) for r in results.mark_selected(rows, by)]
 
 
-def _row(prep: Prepared, kind: str, res: ProbeResult | None = None, *, headline: str = '',
-         **kw) -> dict:
-    """One summary row; a result adds its C, seconds, test metrics and selection score."""
-    out = dict(dataset=prep.ds.name, n_train=len(prep.splits[0]), n_test=len(prep.splits[2]),
-               kind=kind, **kw)
-    if res is not None:
-        out.update(C=res.C, seconds=res.seconds, select_score=res.val.get(headline, np.nan),
-                   **res.test, **{results.Y_TEST: prep.ds.labels[prep.splits[2]],
-                                  results.PROBA: res.test_proba})
-    return out
-
-
-def _variant_row(prep, kind: str, v: Variant, res=None, *, headline: str = '', **kw) -> dict:
-    return _row(prep, kind, res, headline=headline, layer=v.layer, width=v.width,
-                variant=v.name, pooling=v.pooling, top_n=v.top_n, binarized=v.binarized, **kw)
-
-
-def _hidden_probes(ctx: Context, prep: Prepared, feats, layer: int) -> dict[str, ProbeResult]:
-    """pooling -> result of the hidden-state baselines at one config layer (standardised
-    by default: config.probe.hidden_standardize)."""
-    opts = ctx.opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
-    out = {}
-    for hv, _ in ctx.spec.hidden:
-        if hv.layer == layer:
-            out[hv.pooling] = evaluation.fit_variant(
-                hv, feats[hv], prep.ds.labels, prep.splits, opts,
-                num_classes=prep.num_classes, groups=prep.groups)
-            if ctx.writer:
-                ctx.fitted['hidden', int(layer), '-', hv.name] = out[hv.pooling]
-    return out
-
-
-def _cv(ctx: Context, prep: Prepared, feats, best: ProbeResult, hidden: dict) -> dict:
-    """K-fold CV blocks of the chosen SAE and hidden probes (empty when cv_folds = 0)."""
-    k = ctx.config.cv_folds
-    if not k:
-        return {}
-    kw = dict(k=k, num_classes=prep.num_classes, groups=prep.groups)
-    y = prep.ds.labels
-    cv = dict(sae=evaluation.cross_validate_variant(best, feats[best.key], y, prep.splits,
-                                                    ctx.opts, **kw))
-    if hidden:
-        main = hidden.get('last') or next(iter(hidden.values()))
-        opts = ctx.opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
-        cv['hidden'] = evaluation.cross_validate_variant(main, feats[main.key], y, prep.splits,
-                                                         opts, **kw)
-    return cv
-
-
-def _sae_probes(ctx: Context, prep: Prepared, feats, key: SAEKey, hidden: dict,
-                meta: dict) -> list[dict]:
-    """Every variant of one SAE: probes, the tree on the chosen one, CV, result files."""
-    y, te = prep.ds.labels, prep.splits[2]
-    head = ctx.opts.headline
-    fitted, rows = {}, []
-    for v in ctx.spec.variants:
-        if v.sae == key:
-            fitted[v] = evaluation.fit_variant(v, feats[v], y, prep.splits, ctx.opts,
-                                               num_classes=prep.num_classes,
-                                               groups=prep.groups)
-            rows.append(_variant_row(prep, 'sae', v, fitted[v], headline=head))
-            if ctx.writer:
-                ctx.fitted['sae', v.layer, v.width, v.name] = fitted[v]
-    best = max(fitted.values(), key=lambda r: r.val[head])  # ties: the first variant
-    rows += _sparse_probes(ctx, prep, feats[best.key], best.key)
-    tree = None
-    if 'decision_tree' in ctx.config.baselines:
-        tree = evaluation.fit_tree(best.key, feats[best.key], y, prep.splits, ctx.opts,
-                                   num_classes=prep.num_classes, groups=prep.groups)
-        rows.append(_variant_row(prep, 'tree', best.key, tree, headline=head))
-        rows[-1]['C'] = None
-    if ctx.writer:
-        folder = results.run_dir(ctx.config.workdir, ctx.config.model.name, prep.ds.name,
-                                 key.layer, key.width, ctx.run_id)
-        files = results.VariantFiles(run=ctx.meta, ds=prep.ds, key=key, y_test=y[te],
-                                     best=best, fitted=fitted, tree=tree, hidden=hidden,
-                                     cv=_cv(ctx, prep, feats, best, hidden), meta=meta)
-        ctx.pending.append(functools.partial(results.write_variant_files, folder, files))
-    return rows
-
-
-def _sparse_probes(ctx: Context, prep: Prepared, x: np.ndarray, v: Variant) -> list[dict]:
-    """k-sparse probes of one variant: k latents chosen on the training rows only."""
-    pc, y, tr = ctx.config.probe, prep.ds.labels, prep.splits[0]
-    rows = []
-    for k in pc.sparse_k:
-        idx = feature_selection.select_features(x[tr], y[tr], int(k), method=pc.sparse_method,
-                                                num_classes=prep.num_classes)
-        res = evaluation.fit_variant(v, x[:, idx], y, prep.splits, ctx.opts,
-                                     num_classes=prep.num_classes, groups=prep.groups)
-        rows.append(_variant_row(prep, 'sparse', v, res, headline=ctx.opts.headline,
-                                 k=len(idx)))
-    return rows
-
-
-def probe_dataset(ctx: Context, prep: Prepared, feats, meta: dict) -> list[dict]:
-    """Cached training: every variant x C grid, hidden baselines, TF-IDF, decision tree."""
-    rows = []
-    head = ctx.opts.headline
-    for layer in ctx.config.layers:
-        hidden = _hidden_probes(ctx, prep, feats, int(layer))
-        for pooling, res in hidden.items():
-            rows.append(_row(prep, 'hidden', res, headline=head, layer=int(layer), width='-',
-                             variant=res.key.name, pooling=pooling, binarized=False))
-        for key in assets.sae_grid(ctx.config):
-            if key.layer == int(layer):
-                rows += _sae_probes(ctx, prep, feats, key, hidden, meta)
-    if 'tfidf' in ctx.config.baselines:
-        res = evaluation.fit_tfidf(prep.ds.texts, prep.ds.labels, prep.splits, ctx.opts,
-                                   num_classes=prep.num_classes, groups=prep.groups)
-        rows.append(_row(prep, 'tfidf', res, headline=head, layer='-', width='-',
-                         variant='tfidf'))
-        if ctx.writer:
-            ctx.fitted['tfidf', '-', '-', 'tfidf'] = res
-    if 'pixels' in ctx.config.baselines:
-        rows.append(_row(prep, 'pixels', image_run.fit_pixels(ctx.config, prep, ctx.opts),
-                         headline=head, layer='-', width='-', variant='pixels'))
-    return rows
-
-
 def _fused_dataset(ctx: Context, prep: Prepared) -> list[dict]:
     """Fused training of one variant per SAE on the training split (seeded, shuffled
     epochs), scored on validation (the selection score) and test."""
@@ -491,7 +371,7 @@ def _fused_dataset(ctx: Context, prep: Prepared) -> list[dict]:
         res = ProbeResult(v, float(pcfg.fused_C), val,
                           evaluation.test_scores(y[te], proba[len(va):], ctx.opts),
                           proba[len(va):], trainer.params, time.perf_counter() - t)
-        rows.append(_variant_row(prep, 'fused', v, res, headline=ctx.opts.headline))
+        rows.append(probe_stage.variant_row(prep, 'fused', v, res, headline=ctx.opts.headline))
     return rows
 
 
@@ -555,7 +435,7 @@ def _transfer_dataset(ctx: Context, ds, feats, out: tuple[list, list]) -> list[d
                     ds.num_classes, **ident))
             kind = ident.pop('kind')
             ident.pop('dataset')
-            rows.append(_row(prep, kind, res, headline=ctx.opts.headline, **ident,
+            rows.append(probe_stage.row(prep, kind, res, headline=ctx.opts.headline, **ident,
                              train_group=g))
     # Each training group is its own experiment: one choice per kind and group.
     return mark_selected(rows, config.seed, by=('kind', 'train_group'))

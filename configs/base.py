@@ -118,7 +118,7 @@ def get_config(arg=None):
     # 'fused': one compiled step does forward -> SAE -> pool -> probe update (streaming).
     c.probe.train = 'cached'
     # Threads fitting a dataset's probes side by side (cached training; results equal one
-    # thread's). A dense variant of over 1 GiB (a 65k SAE over thousands of texts) uses 1.
+    # thread's). A dense variant of over 128 MiB (e.g. 4,000 texts x 16k) uses 1 (memory).
     c.probe.threads = 2
     # Fused training: epochs over the training split, Adam learning rate, and which
     # pooling/binarize variant and C the single streamed probe uses.

@@ -22,9 +22,11 @@ from mosaic_jax.probing import evaluation, feature_selection
 from mosaic_jax.probing.evaluation import ProbeResult
 from mosaic_jax.variants import SAEKey, Variant
 
-# Two variants held at once by two threads must fit beside the store's held variants: no
-# second thread when one dense variant exceeds this (a 65k SAE over 5,000 texts is 1.3 GB).
-MAX_THREADED_VARIANT_BYTES = 2**30
+# A second thread holds a second variant and its fit's temporaries (Gram, eigenbasis) at
+# once: only where one dense variant is small (1,000 texts x 16k: 62.5 MiB). From 4,000 texts x
+# 16k (250 MiB) and for 65k SAEs the stage runs in one thread, as bench/store_memory.py measured
+# (peak RSS 4,000 vs 1,000 texts, 65k x 5,000 texts within 8 GB).
+MAX_THREADED_VARIANT_BYTES = 128 * 2**20
 
 
 def row(prep, kind: str, res: ProbeResult | None = None, *, headline: str = '',
@@ -70,8 +72,8 @@ class _Inline:
 
 
 def threads(ctx, prep) -> int:
-    """config.probe.threads, or 1 when one dense variant of the widest SAE is too large
-    to hold twice (the memory bound of wide SAEs over many texts comes first)."""
+    """config.probe.threads, or 1 when one dense variant of the widest SAE exceeds
+    MAX_THREADED_VARIANT_BYTES (the memory bound of wide SAEs over many texts comes first)."""
     want = int(ctx.config.probe.threads)
     widest = max((int(s.width) for s in ctx.saes.values()), default=0)
     if len(prep.ds.labels) * widest * 4 > MAX_THREADED_VARIANT_BYTES:

@@ -385,7 +385,7 @@ def _transfer_methods(ctx: Context, ds, feats, gr) -> list[tuple[dict, ProbeResu
     """(identity, result, rows -> proba) of every method trained on one group: the chosen
     variant of each SAE, each hidden baseline, TF-IDF."""
     y, C, opts = ds.labels, ds.num_classes, ctx.opts
-    hopts = opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
+    hopts = probe_stage.hidden_opts(ctx)
     fit = lambda key, o: evaluation.fit_variant(key, feats[key], y, gr.splits, o,  # noqa: E731
                                                 num_classes=C)
     out = []

@@ -59,10 +59,10 @@ class _Tail:
 class _Inline:
     """The executor of one thread: runs each task when it is submitted."""
 
-    def submit(self, fn, *args):
+    def submit(self, fn, *args, **kwargs):
         fut = concurrent.futures.Future()
         try:
-            fut.set_result(fn(*args))
+            fut.set_result(fn(*args, **kwargs))
         except BaseException as e:  # re-raised by .result(), as a pool's future does
             fut.set_exception(e)
         return fut
@@ -81,10 +81,15 @@ def threads(ctx, prep) -> int:
     return max(1, want)
 
 
+def hidden_opts(ctx) -> evaluation.ProbeOptions:
+    """The run's probe options for hidden-state baselines: standardised unless
+    config.probe.hidden_standardize is off."""
+    return ctx.opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
+
+
 def _hidden(ctx, prep, feats, layer: int) -> dict[str, ProbeResult]:
-    """pooling -> result of the hidden-state baselines at one config layer (standardised
-    by default: config.probe.hidden_standardize)."""
-    opts = ctx.opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
+    """pooling -> result of the hidden-state baselines at one config layer."""
+    opts = hidden_opts(ctx)
     return {hv.pooling: evaluation.fit_variant(hv, feats[hv], prep.ds.labels, prep.splits,
                                                opts, num_classes=prep.num_classes,
                                                groups=prep.groups)
@@ -121,9 +126,8 @@ def _cv(ctx, prep, feats, best: ProbeResult, hidden: dict) -> dict:
                                                     ctx.opts, **kw))
     if hidden:
         main = hidden.get('last') or next(iter(hidden.values()))
-        opts = ctx.opts.replace(standardize=bool(ctx.config.probe.hidden_standardize))
         cv['hidden'] = evaluation.cross_validate_variant(main, feats[main.key], y, prep.splits,
-                                                         opts, **kw)
+                                                         hidden_opts(ctx), **kw)
     return cv
 
 
@@ -149,10 +153,9 @@ def _submit_all(pool, ctx, prep, feats) -> tuple[dict, dict, object]:
     on one queued behind it."""
     layers = [int(layer) for layer in ctx.config.layers]
     hidden = {layer: pool.submit(_hidden, ctx, prep, feats, layer) for layer in layers}
-    tfidf = (pool.submit(functools.partial(
-        evaluation.fit_tfidf, prep.ds.texts, prep.ds.labels, prep.splits, ctx.opts,
-        num_classes=prep.num_classes, groups=prep.groups))
-        if 'tfidf' in ctx.config.baselines else None)
+    tfidf = (pool.submit(evaluation.fit_tfidf, prep.ds.texts, prep.ds.labels, prep.splits,
+                         ctx.opts, num_classes=prep.num_classes, groups=prep.groups)
+             if 'tfidf' in ctx.config.baselines else None)
     keys = [k for layer in layers for k in assets.sae_grid(ctx.config) if k.layer == layer]
     fits = {k: {v: pool.submit(_fit, ctx, prep, feats, v)
                 for v in ctx.spec.variants if v.sae == k} for k in keys}
